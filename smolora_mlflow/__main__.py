@@ -1,0 +1,5 @@
+import sys
+
+from smolora_mlflow.cli import main
+
+sys.exit(main())
