@@ -1,0 +1,40 @@
+"""Names shared by tracking, the flavor and the registry (stdlib only).
+
+One place for every tag, param and metric key that more than one module reads or writes, so a run,
+a logged model and a registered version speak the same vocabulary.
+"""
+
+FLAVOR_NAME = "smolora"
+
+# Run tags (lineage).
+TAG_BASE_MODEL = "smolora.base_model"
+TAG_BASE_MODEL_REVISION = "smolora.base_model_revision"
+TAG_BASE_MODEL_SHA256 = "smolora.base_model_sha256"
+TAG_DATASET = "smolora.dataset"
+TAG_DATASET_FINGERPRINT = "smolora.dataset_fingerprint"
+TAG_DEVICE = "smolora.device"
+TAG_VERSION_PREFIX = "smolora.version."  # + torch / transformers / peft / trl / mlflow / smolora_mlflow
+TAG_CHECKPOINT_DIR = "smolora.checkpoint_dir"
+TAG_ADAPTER_SIZE = "smolora.adapter_size_bytes"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_NOTE = "mlflow.note.content"
+
+# Metrics.
+METRIC_LOSS = "loss"
+METRIC_TRAIN_LOSS = "train_loss"  # final average training loss
+METRIC_EVAL_LOSS = "eval_loss"
+METRIC_EVAL_PERPLEXITY = "eval_perplexity"
+METRIC_TRAINABLE_PARAMS = "trainable_params"
+METRIC_TOTAL_PARAMS = "total_params"
+METRIC_TRAINABLE_PERCENT = "trainable_percent"
+METRIC_ADAPTER_SIZE = "adapter_size_bytes"
+
+# Run artifacts.
+ARTIFACT_ADAPTER = "adapter"
+ARTIFACT_CONFIG = "config/smolora_config.yaml"
+ARTIFACT_MODEL_CARD = "README.md"
+ARTIFACT_LOSS_CURVE = "plots/loss_curve.png"
+ARTIFACT_GENERATIONS = "generations.json"  # mlflow.log_table file, with a `step` column
+
+# File written next to each checkpoint so a resume finds its MLflow run.
+RUN_ID_FILE = "mlflow_run_id.txt"
