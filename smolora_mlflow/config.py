@@ -26,7 +26,7 @@ DEMO_MODEL = "smolora:demo"
 DEMO_DATASET = "smolora:reviews"
 
 # Names that look like credentials are never logged as params or written to artifacts in clear.
-SECRET_MARKERS = ("token", "password", "secret", "api_key", "apikey", "credential")
+SECRET_WORDS = frozenset({"token", "password", "passwd", "secret", "apikey", "credential", "credentials", "auth"})
 
 
 class ConfigError(ValueError):
@@ -389,8 +389,9 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
 
 
 def is_secret(key: str) -> bool:
-    lowered = key.lower()
-    return any(marker in lowered for marker in SECRET_MARKERS)
+    """Whether ``key`` names a credential (``hf_token``, ``API_KEY``, ``db.password``; not ``max_new_tokens``)."""
+    words = [w for w in key.lower().replace("-", "_").replace(".", "_").split("_") if w]
+    return bool(SECRET_WORDS.intersection(words)) or "api_key" in "_".join(words) or words[-1:] == ["key"]
 
 
 def redact(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,144 @@
+"""Locating, hashing and loading base models (hub ids, local folders, the built-in demo).
+
+No peft or trl here: the flavor's loader may import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from smolora_mlflow.config import DEMO_MODEL
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def quiet_upstream_deprecations() -> Iterator[None]:
+    """Hide deprecation warnings that one upstream library raises about another's API.
+
+    peft 0.21 reads ``model.is_gradient_checkpointing``, deprecated in transformers 5: the warning is
+    about their code, not the user's, so it is not shown. Anything else still warns.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        yield
+
+
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """sha256 over every ``*.safetensors`` file of a folder, in name order (names are hashed too)."""
+    root = Path(model_dir)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weight files in `{root}`; only safetensors weights are supported.")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_model_path(name: str) -> str:
+    """The demo name becomes its cached folder; a local folder becomes absolute; a hub id stays as is."""
+    if name == DEMO_MODEL:
+        from smolora_mlflow.demo import demo_model_path
+
+        return str(demo_model_path())
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ValueError(
+                f"`base_model`: `{p}` exists but has no config.json; point it to a folder saved with "
+                "`save_pretrained`, a hub id, or `smolora:demo`."
+            )
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ValueError(f"`base_model`: local folder `{name}` does not exist.")
+    return name
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        if device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(path_or_id: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path_or_id, revision=revision, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # Causal LMs often ship without a pad token; padding with EOS is the usual, harmless choice
+        # because padded positions are masked out of attention and loss.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(
+    path_or_id: str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: Any = None,
+    device: Any = None,
+):
+    """Load a causal LM with safetensors only; a clear error when the folder is not a causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path_or_id, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ValueError(
+            f"`base_model`={path_or_id!r} could not be found locally or on the hub ({e.__class__.__name__}). "
+            "Pass a local folder, or make the hub reachable."
+        ) from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path_or_id,
+            config=config,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            use_safetensors=True,
+        )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise ValueError(
+                f"`base_model`={path_or_id!r} is a {config.model_type!r} model, not a causal language model; "
+                "pass a model with a language-modelling head (e.g. a Llama, Qwen or SmolLM checkpoint)."
+            ) from e
+        raise
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def base_model_info(name: str, resolved: str, model: Any | None = None) -> dict[str, str | None]:
+    """Lineage of a base model: its id, local folder, revision and weights hash where known."""
+    info: dict[str, str | None] = {"base_model": name, "path": None, "revision": None, "sha256": None}
+    if Path(resolved).is_dir():
+        info["path"] = resolved
+        info["sha256"] = weights_sha256(resolved)
+    elif model is not None:
+        info["revision"] = getattr(model.config, "_commit_hash", None)
+    return info
