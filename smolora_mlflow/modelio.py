@@ -112,6 +112,7 @@ def load_causal_lm(
             f"`base_model`={path_or_id!r} could not be found locally or on the hub ({e.__class__.__name__}). "
             "Pass a local folder, or make the hub reachable."
         ) from e
+    _require_causal_lm_head(path_or_id, config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path_or_id,
@@ -131,6 +132,22 @@ def load_causal_lm(
     if device is not None:
         model.to(device)
     return model
+
+
+_LM_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _require_causal_lm_head(path_or_id: str, config) -> None:
+    """Refuse checkpoints saved without a language-modelling head (e.g. a bare ``BertModel``).
+
+    transformers would load them anyway and initialise a random head, which trains and serves garbage.
+    """
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(_LM_HEAD_SUFFIXES) for a in archs):
+        raise ValueError(
+            f"`base_model`={path_or_id!r} holds a {', '.join(archs)} checkpoint, not a causal language model; "
+            "pass a model with a language-modelling head (e.g. a Llama, Qwen or SmolLM checkpoint)."
+        )
 
 
 def base_model_info(name: str, resolved: str, model: Any | None = None) -> dict[str, str | None]:
