@@ -82,6 +82,7 @@ def get_sft_config(cfg: SmoloraConfig, *, device: str, dtype: Any, has_eval: boo
         save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
         save_total_limit=cfg.save_total_limit,
         report_to="none",
+        ddp_find_unused_parameters=False,  # every LoRA parameter takes part in each forward pass
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device == "cpu",
