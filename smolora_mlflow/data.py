@@ -36,10 +36,10 @@ from smolora_mlflow.data_sources import (  # noqa: F401 - DataError and load_raw
     Format,
     canonical_json,
     dedupe_rows,
+    load_raw,
     quote_names,
     require_columns,
     resolve_source,
-    load_raw,
 )
 from smolora_mlflow.demo import DEMO_CORPUS, is_demo_dataset
 
