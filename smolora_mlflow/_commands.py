@@ -1,0 +1,332 @@
+"""The handlers of the ``smolora`` subcommands (see :mod:`smolora_mlflow.cli` for the parser).
+
+Each ``cmd_<name>(args) -> int`` builds and validates its inputs first (so a bad value fails before any
+work), then calls the library (:mod:`~smolora_mlflow.workflow`, :mod:`~smolora_mlflow.registry`, ...)
+and prints a summary. Heavy modules are imported inside the handlers. Progress and step lines go to
+stderr; results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from smolora_mlflow.cli import PROG, UsageError, build_config, parse_bool
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _use_tracking_uri(uri: str | None) -> None:
+    if uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+
+
+def _pip_requirements(spec: str | None) -> list[str] | str | None:
+    if not spec:
+        return None
+    if Path(spec).is_file():
+        return str(Path(spec).resolve())
+    return [r.strip() for r in spec.split(",") if r.strip()]
+
+
+def _ui_link(run_id: str | None) -> str:
+    """A link to the run in the MLflow UI when the tracking server is http(s), else an empty string."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not run_id or not uri.startswith(("http://", "https://")):
+        return ""
+    exp = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+
+
+def _print_summary(title: str, rows: list[tuple[str, Any]]) -> None:
+    rows = [(k, v) for k, v in rows if v not in (None, "", {})]
+    width = max((len(k) for k, _ in rows), default=0)
+    print(title)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+def _fmt_metrics(metrics: dict[str, float], keys: tuple[str, ...] = ("train_loss", "eval_loss",
+                                                                      "eval_perplexity")) -> str:
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def _run_row(label: str, run_id: str | None) -> tuple[str, str | None]:
+    link = _ui_link(run_id)
+    return label, (f"{run_id}  {link}" if link else run_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# lifecycle
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from smolora_mlflow.workflow import check_pipeline_config
+
+    cfg = build_config(args)
+    promote = parse_bool("promote", args.promote)
+    higher = parse_bool("higher_is_better", args.higher_is_better)
+    check_pipeline_config(cfg, promote=promote)
+    _use_tracking_uri(cfg.tracking_uri)
+    from smolora_mlflow.workflow import run_pipeline
+
+    steps = itertools.count(1)
+    result = run_pipeline(
+        cfg, promote=promote, eval_dataset=args.eval_dataset, mode=args.mode,
+        promote_options={"metric": args.metric, "min_delta": args.min_delta, "higher_is_better": higher},
+        log_model_options=_log_options(args), on_step=lambda msg: _err(f"==> [{next(steps)}] {msg}"))
+    registered = (f"{result.registered_model_name} version {result.registered_version}  "
+                  f"(models:/{result.registered_model_name}/{result.registered_version})"
+                  if result.registered_version else "not registered (set registered_model_name)")
+    promotion = None
+    if result.promotion is not None:
+        d = result.promotion
+        promotion = f"{'promoted to ' + d.stage if d.promoted else 'not promoted'}: {d.reason}"
+    _print_summary(f"{PROG} run: done", [
+        _run_row("parent run", result.parent_run_id), _run_row("training run", result.train_run_id),
+        _run_row("evaluation run", result.eval_run_id), ("model URI", result.model_uri),
+        ("registered", registered), ("promotion", promotion), ("metrics", _fmt_metrics(result.metrics)),
+    ])
+    return 0
+
+
+def _log_options(args) -> dict[str, Any]:
+    req = _pip_requirements(args.pip_requirements)
+    return {"pip_requirements": req} if req is not None else {}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    log_model = parse_bool("log_model", args.log_model)
+    _use_tracking_uri(cfg.tracking_uri)
+    from smolora_mlflow.train import SmoLoRA
+
+    _err("==> train: fine-tuning the LoRA adapter")
+    lora = SmoLoRA(config=cfg)
+    result = lora.train()
+    info, note = None, None
+    if log_model and result.run_id:
+        from smolora_mlflow.workflow import log_trained_model
+
+        _err(f"==> log: logging the {args.mode} model with the smolora flavor")
+        info = log_trained_model(lora, mode=args.mode, registered_model_name=cfg.registered_model_name,
+                                 **_log_options(args))
+    elif log_model:
+        note = "model not logged: tracking is off"
+    version = getattr(info, "registered_model_version", None)
+    _print_summary(f"{PROG} train: done", [
+        _run_row("training run", result.run_id), ("adapter", result.adapter_dir),
+        ("model URI", info.model_uri if info else None),
+        ("registered", f"{cfg.registered_model_name} version {version}" if version else None),
+        ("note", note), ("steps", result.global_step), ("metrics", _fmt_metrics(result.metrics)),
+    ])
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg = build_config(args)  # validates the options before anything is looked up
+    _use_tracking_uri(cfg.tracking_uri)
+    from smolora_mlflow.evaluation import training_config_of
+    from smolora_mlflow.workflow import evaluate_run
+
+    base = training_config_of(args.model)
+    if base is not None:
+        cfg = build_config(args, base)
+    _err(f"==> evaluate: {args.model}")
+    result = evaluate_run(args.model, cfg, dataset=args.eval_dataset)
+    _print_summary(f"{PROG} evaluate: done", [
+        _run_row("evaluation run", result.run_id), ("model", args.model), ("data", result.split),
+        ("metrics", _fmt_metrics(result.metrics, ("eval_loss", "eval_perplexity", "eval_tokens", "eval_rows"))),
+    ])
+    for row in result.generations:
+        print(f"  > {row['prompt']}{row['generated_text']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# registry
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    _use_tracking_uri(args.tracking_uri)
+    from smolora_mlflow import registry
+    from smolora_mlflow.evaluation import is_run_id, logged_model_uri_of_run
+
+    ref = args.model
+    if is_run_id(ref):  # a pipeline's parent run points to the run that logged the model
+        ref = logged_model_uri_of_run(ref) or ref
+    mv = registry.register(ref, args.name, description=args.description)
+    print(f"Registered {args.name} version {mv.version}  (models:/{args.name}/{mv.version}, source {mv.source})")
+    return 0
+
+
+def cmd_transition(args: argparse.Namespace) -> int:
+    archive = not parse_bool("no_archive_existing", args.no_archive_existing)
+    _use_tracking_uri(args.tracking_uri)
+    from smolora_mlflow import registry
+
+    mv = registry.transition(args.name, args.version, args.stage, archive_existing=archive, reason=args.reason)
+    aliases = f" (aliases: {', '.join(mv.aliases)})" if mv.aliases else ""
+    print(f"{args.name} version {mv.version} is now in {mv.current_stage}{aliases}")
+    return 0
+
+
+def _version(registry, name: str, version: str) -> str:
+    if str(version).isdigit():
+        return str(version)
+    return str(registry.resolve(name, version).version)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    force = parse_bool("force", args.force)
+    higher = parse_bool("higher_is_better", args.higher_is_better)
+    _use_tracking_uri(args.tracking_uri)
+    from smolora_mlflow import registry
+
+    version = _version(registry, args.name, args.version)
+    d = registry.promote(args.name, version, to=args.to, metric=args.metric, higher_is_better=higher,
+                         min_delta=args.min_delta, force=force, reason=args.reason)
+    verdict = f"promoted to {d.stage}" if d.promoted else f"not promoted to {d.stage}"
+    print(f"{args.name} version {version}: {verdict}: {d.reason}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    _use_tracking_uri(args.tracking_uri)
+    from smolora_mlflow import registry
+
+    mv = registry.rollback(args.name, reason=args.reason)
+    print(f"{args.name}: Production is now version {mv.version}")
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    history = parse_bool("history", args.history)
+    _use_tracking_uri(args.tracking_uri)
+    from smolora_mlflow import registry
+
+    print(registry.format_versions(registry.versions(args.name)))
+    if history:
+        df = registry.history(args.name)
+        print()
+        print(df.to_string(index=False) if not df.empty else "(no transitions)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# predict and serve
+
+
+def _parse_prompt_lines(text: str, jsonl: bool, where: str) -> list[Any]:
+    prompts: list[Any] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where} line {number} is not valid JSON ({e.msg}).") from e
+        if isinstance(obj, str):
+            prompts.append(obj)
+        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+            prompts.append(obj["prompt"])
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            prompts.append(obj["messages"])
+        else:
+            raise UsageError(f'{where} line {number} must be a string or an object with "prompt" or "messages".')
+    return prompts
+
+
+def read_prompts(prompts: list[str], file: str | None, stdin=None) -> list[Any]:
+    """Prompts from arguments, a file (lines or .jsonl) or stdin; chats come back as message lists."""
+    stdin = stdin or sys.stdin
+    out: list[Any] = [p for p in prompts if p != "-"]
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise UsageError(f"prompt file `{file}` does not exist.")
+        out += _parse_prompt_lines(path.read_text(encoding="utf-8"), path.suffix.lower() == ".jsonl", file)
+    if "-" in prompts or (not prompts and not file):
+        if stdin.isatty() and not prompts:
+            raise UsageError("no prompts: pass PROMPT arguments, -f FILE, or pipe prompts on stdin.")
+        out += _parse_prompt_lines(stdin.read(), False, "stdin")
+    if not out:
+        raise UsageError("no prompts given (the arguments, file or stdin were empty).")
+    return out
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args.prompts, args.file)
+    params: dict[str, Any] = {"max_new_tokens": args.max_new_tokens,
+                              "do_sample": parse_bool("do_sample", args.do_sample)}
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    full, as_jsonl = parse_bool("full_text", args.full_text), parse_bool("jsonl", args.jsonl)
+    _use_tracking_uri(args.tracking_uri)
+    from smolora_mlflow.evaluation import load_for_inference
+    from smolora_mlflow.generation import format_chat, generate
+
+    loaded = load_for_inference(args.model, device=args.device)
+    texts = [p if isinstance(p, str) else format_chat(loaded.tokenizer, p) for p in prompts]
+    outputs = generate(loaded.model, loaded.tokenizer, texts, batch_size=args.batch_size, **params)
+    for prompt, completion in zip(texts, outputs, strict=True):
+        if as_jsonl:
+            print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+        else:
+            print(prompt + completion if full else completion)
+    return 0
+
+
+def serve_uri(args: argparse.Namespace) -> str:
+    """``models:/name@alias`` / ``models:/name/<stage|version>``, or MODEL itself when it is a URI or path."""
+    model = args.model
+    if ":/" in model or os.path.exists(model):
+        if args.alias or args.stage or args.version:
+            raise UsageError("--alias/--stage/--version apply to a registered model name, not to a URI or path.")
+        return model
+    if args.stage or args.version:
+        return f"models:/{model}/{args.stage or args.version}"
+    return f"models:/{model}@{args.alias or 'production'}"
+
+
+def serve_command(args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", serve_uri(args),
+           "--env-manager", args.env_manager, "-h", args.host, "-p", str(args.port)]
+    if args.workers:
+        cmd += ["-w", str(args.workers)]
+    return cmd
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cmd = serve_command(args)
+    if parse_bool("dry_run", args.dry_run):
+        import shlex
+
+        print(shlex.join(cmd))
+        return 0
+    env = dict(os.environ)
+    if args.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    _err(f"==> serving {serve_uri(args)} at http://{args.host}:{args.port}/invocations (Ctrl-C stops it)")
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130
+
