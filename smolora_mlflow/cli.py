@@ -207,6 +207,7 @@ def _add_lifecycle_commands(subs) -> None:
     p.add_argument("--log_model", nargs="?", const="true", default="true", metavar="BOOL",
                    help="Merge and log the model to the training run (default: true).")
     add_config_options(p)
+    _resume_option(p)
 
     p = _sub(subs, "evaluate", "Eval loss, perplexity and sample generations of a model, logged to a run.",
              "Score MODEL on the held-out split of its training dataset (the config its training run logged,\n"
@@ -215,6 +216,13 @@ def _add_lifecycle_commands(subs) -> None:
                    help="Run id, runs:/ or models:/ URI, MLflow model folder, merged or adapter folder.")
     p.add_argument("--eval_dataset", help="Score all rows of this dataset (a file, folder or hub id).")
     add_config_options(p)
+
+
+def _resume_option(p) -> None:
+    p.add_argument("--resume", dest=_CFG_PREFIX + "resume_from_checkpoint", default=argparse.SUPPRESS,
+                   metavar="RUN_ID|CHECKPOINT|latest",
+                   help="Continue a stopped training in the same MLflow run: its run id, a checkpoint folder, "
+                        "or `latest` (the newest complete checkpoint in output_dir).")
 
 
 def _add_model_log_options(p) -> None:

@@ -1,0 +1,213 @@
+"""Turn what a pyfunc caller sends into prompts and generation params, or say exactly what is wrong.
+
+Every problem raises ``MlflowException.invalid_parameter_value`` (HTTP 400 from a scoring server)
+naming the field, the value and what is allowed.
+
+Accepted inputs: a DataFrame (or dict of lists, or list of records) with a ``prompt`` column; a
+``str``; a ``list[str]``; chat messages (a list of ``{"role", "content"}`` dicts, or a ``prompt`` cell
+holding such a list) when the tokenizer has a chat template. A ``prompt`` cell holding a list of
+strings expands to one row per string (MLflow's schema enforcement turns ``{"prompt": [...]}`` into a
+single row holding the list).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from smolora_mlflow.generation import GENERATION_DEFAULTS, format_chat
+
+PROMPT_COLUMN = "prompt"
+OUTPUT_COLUMN = "generated_text"
+PARAM_TYPES: dict[str, type] = {
+    "max_new_tokens": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "do_sample": bool,
+    "repetition_penalty": float,
+    "seed": int,
+    "return_full_text": bool,
+}
+assert set(PARAM_TYPES) == set(GENERATION_DEFAULTS)
+_TYPE_TEXT = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _invalid(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# params
+
+
+def _coerce(value: Any, tp: type) -> Any:
+    if tp is bool:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise TypeError
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError
+    if tp is int:
+        if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+            raise TypeError
+        return int(value)
+    value = float(value)
+    if not math.isfinite(value):
+        raise TypeError
+    return value
+
+
+def _range_problems(p: dict[str, Any], max_new_tokens_limit: int) -> list[str]:
+    checks: list[tuple[str, Callable[[Any], bool], str]] = [
+        ("max_new_tokens", lambda v: 1 <= v <= max_new_tokens_limit, f"in 1..{max_new_tokens_limit}"),
+        ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("top_k", lambda v: v >= 0, ">= 0"),
+        ("repetition_penalty", lambda v: v > 0, "> 0"),
+        ("seed", lambda v: v >= -1, ">= 0, or -1 for no seed"),
+    ]
+    problems = [f"`{k}` must be {text}, got {p[k]!r}." for k, ok, text in checks if k in p and not ok(p[k])]
+    if p.get("do_sample") and "temperature" in p and p["temperature"] <= 0:
+        problems.append(
+            f"`temperature` must be > 0 when `do_sample` is true, got {p['temperature']!r}; "
+            "use do_sample=false for greedy decoding."
+        )
+    return problems
+
+
+def validate_params(
+    params: Mapping[str, Any] | None, defaults: Mapping[str, Any], max_new_tokens_limit: int
+) -> dict[str, Any]:
+    """Merge ``params`` over ``defaults`` and check names, types and ranges; all problems at once."""
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise _invalid(f"`params` must be a dict of generation parameters, got {type(params).__name__}.")
+    problems = []
+    unknown = sorted(str(k) for k in params if k not in PARAM_TYPES)
+    if unknown:
+        problems.append(f"unknown parameter(s) {unknown}; allowed: {sorted(PARAM_TYPES)}.")
+    merged = {**GENERATION_DEFAULTS, **defaults, **{k: v for k, v in params.items() if k in PARAM_TYPES}}
+    typed: dict[str, Any] = {}
+    for key, tp in PARAM_TYPES.items():
+        try:
+            typed[key] = _coerce(merged[key], tp)
+        except TypeError:
+            problems.append(f"`{key}` must be {_TYPE_TEXT[tp]}, got {merged[key]!r}.")
+    problems += _range_problems(typed, max_new_tokens_limit)
+    if problems:
+        raise _invalid("Invalid generation parameters: " + " ".join(problems))
+    return typed
+
+
+# ----------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _is_message(x: Any) -> bool:
+    return isinstance(x, Mapping) and "role" in x and "content" in x
+
+
+def _is_conversation(x: Any) -> bool:
+    return isinstance(x, (list, tuple, np.ndarray)) and len(x) > 0 and all(_is_message(m) for m in x)
+
+
+def _chat(tokenizer, messages: Any, where: str) -> str:
+    try:
+        return format_chat(tokenizer, [dict(m) for m in messages])
+    except ValueError as e:
+        raise _invalid(f"{where}: {e}") from e
+
+
+def _is_missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _cell_prompts(cell: Any, tokenizer, where: str) -> list[str]:
+    if isinstance(cell, str):
+        if not cell.strip():
+            raise _invalid(f"{where} is an empty string; every prompt must contain text.")
+        return [cell]
+    if _is_conversation(cell):
+        return [_chat(tokenizer, cell, where)]
+    if isinstance(cell, (list, tuple, np.ndarray)) and len(cell) > 0 and not _is_message(cell[0]):
+        out: list[str] = []
+        for j, item in enumerate(cell):
+            if not isinstance(item, str):
+                raise _invalid(f"{where}[{j}] must be a string, got {type(item).__name__} {item!r}.")
+            out += _cell_prompts(item, tokenizer, f"{where}[{j}]")
+        return out
+    if _is_missing(cell):
+        raise _invalid(f"{where} is missing (null); every prompt must be a non-empty string.")
+    raise _invalid(
+        f"{where} must be a string or a list of chat messages, got {type(cell).__name__} {cell!r}."
+    )
+
+
+def _frame_prompts(df: pd.DataFrame, tokenizer) -> list[str]:
+    if PROMPT_COLUMN not in df.columns:
+        if {"role", "content"} <= set(df.columns):  # a message list that was turned into a frame
+            return [_chat(tokenizer, df.to_dict(orient="records"), "messages")]
+        raise _invalid(
+            f"The input has no `{PROMPT_COLUMN}` column; it has columns {[str(c) for c in df.columns]}. "
+            f"Send a `{PROMPT_COLUMN}` column of strings."
+        )
+    out: list[str] = []
+    for i, cell in enumerate(df[PROMPT_COLUMN].tolist()):
+        out += _cell_prompts(cell, tokenizer, f"`{PROMPT_COLUMN}` at row {i}")
+    return out
+
+
+def to_prompts(model_input: Any, tokenizer) -> list[str]:
+    """Normalise any accepted input to a non-empty list of prompt strings (chat already formatted)."""
+    x = model_input
+    if isinstance(x, pd.Series):
+        x = x.to_frame(PROMPT_COLUMN if x.name in (None, 0) else x.name)
+    if isinstance(x, np.ndarray):
+        x = x.tolist()
+    if isinstance(x, str):
+        prompts = _cell_prompts(x, tokenizer, "the prompt")
+    elif isinstance(x, pd.DataFrame):
+        prompts = _frame_prompts(x, tokenizer)
+    elif isinstance(x, Mapping):
+        if PROMPT_COLUMN in x:
+            prompts = _cell_prompts(_unwrap(x[PROMPT_COLUMN]), tokenizer, f"`{PROMPT_COLUMN}`")
+        elif "messages" in x:
+            prompts = _cell_prompts(_unwrap(x["messages"]), tokenizer, "`messages`")
+        else:
+            raise _invalid(
+                f"The input has no `{PROMPT_COLUMN}` key; it has keys {[str(k) for k in x]}. "
+                f"Send {{'{PROMPT_COLUMN}': [...]}}."
+            )
+    elif isinstance(x, (list, tuple)):
+        prompts = _list_prompts(list(x), tokenizer)
+    else:
+        raise _invalid(
+            f"Unsupported input type {type(model_input).__name__}; send a DataFrame with a "
+            f"`{PROMPT_COLUMN}` column, a string, a list of strings or a list of chat messages."
+        )
+    if not prompts:
+        raise _invalid("The input holds no prompts; send at least one.")
+    return prompts
+
+
+def _unwrap(value: Any) -> Any:
+    return value.tolist() if isinstance(value, (np.ndarray, pd.Series)) else value
+
+
+def _list_prompts(items: list[Any], tokenizer) -> list[str]:
+    if not items:
+        raise _invalid("The input holds no prompts; send at least one.")
+    if _is_conversation(items):
+        return [_chat(tokenizer, items, "messages")]
+    if all(isinstance(r, Mapping) for r in items):  # records
+        return _frame_prompts(pd.DataFrame(items), tokenizer)
+    out: list[str] = []
+    for i, item in enumerate(items):
+        out += _cell_prompts(item, tokenizer, f"prompt {i}")
+    return out

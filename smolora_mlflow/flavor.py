@@ -1,0 +1,409 @@
+"""The ``smolora`` MLflow flavor: LoRA fine-tuned causal LMs as MLflow models.
+
+Shaped like MLflow's own flavor modules: constants -> ``get_default_pip_requirements`` ->
+``get_default_conda_env`` -> ``save_model`` -> ``log_model`` -> ``_load_model`` -> the private pyfunc
+wrapper -> ``_load_pyfunc`` -> ``load_model``. MLflow is imported here; torch and transformers only
+inside functions; peft only inside the adapter-mode loader, so a merged model's inferred requirements
+never name peft or trl.
+
+A model is saved in one of two modes:
+
+- ``merged``: full safetensors weights, tokenizer and generation config under ``model/``.
+- ``adapter``: only the PEFT adapter under ``adapter/`` plus a reference to the base model (hub id,
+  local path, or ``smolora:demo``), its revision and the sha256 of its weights, checked at load.
+
+The package source travels in the model's ``code/`` folder, so a scoring server needs only public
+packages. The pyfunc wrapper streams (``predict_stream``) and coalesces concurrent requests.
+
+Example:
+    >>> import mlflow, smolora_mlflow.flavor as flavor
+    >>> flavor.save_model("out/model", "outputs/merged")
+    >>> mlflow.pyfunc.load_model("out/model").predict({"prompt": ["The food was"]})
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow import pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
+from mlflow.models.utils import _save_example
+from mlflow.protos.databricks_pb2 import INVALID_STATE
+from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+from mlflow.utils.environment import (
+    _CONDA_ENV_FILE_NAME,
+    _PYTHON_ENV_FILE_NAME,
+    _mlflow_conda_env,
+    _validate_env_arguments,
+)
+from mlflow.utils.file_utils import get_total_file_size
+from mlflow.utils.model_utils import (
+    _get_flavor_configuration,
+    _validate_and_copy_code_paths,
+    _validate_and_prepare_target_save_path,
+)
+from mlflow.utils.requirements_utils import _get_pinned_requirement
+
+from smolora_mlflow import _flavor_files as files
+from smolora_mlflow._batching import RequestBatcher
+from smolora_mlflow._flavor_inputs import OUTPUT_COLUMN, to_prompts, validate_params
+from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
+from smolora_mlflow.generation import count_tokens, generate, resolve_device, stream
+from smolora_mlflow.modelio import quiet_upstream_deprecations, weights_sha256
+
+__all__ = ["FLAVOR_NAME", "get_default_conda_env", "get_default_pip_requirements", "load_model",
+           "log_model", "save_model", "weights_sha256"]
+
+_logger = logging.getLogger(__name__)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def get_default_pip_requirements(mode: str = "merged") -> list[str]:
+    """Pinned minimal requirements of a smolora model; ``adapter`` mode adds peft (never trl)."""
+    packages = ["torch", "transformers", "safetensors", "tokenizers"]
+    if mode == "adapter":
+        packages.append("peft")
+    return [_get_pinned_requirement(p) for p in packages]
+
+
+def get_default_conda_env(mode: str = "merged") -> dict[str, Any]:
+    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements(mode))
+
+
+def save_model(
+    path: str | os.PathLike,
+    model_dir: str | os.PathLike | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    mode: str = "merged",
+    adapter_dir: str | os.PathLike | None = None,
+    base_model: str | None = None,
+    base_model_revision: str | None = None,
+    base_model_sha256: str | None = None,
+    lora_config: dict[str, Any] | None = None,
+    training_run_id: str | None = None,
+    model_card: str | None = None,
+    generation_defaults: dict[str, Any] | None = None,
+    max_new_tokens_limit: int = 1024,
+    max_prompt_tokens: int | None = None,
+    signature: ModelSignature | None = None,
+    input_example: Any = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    conda_env: Any = None,
+    code_paths: list[str] | None = None,
+    mlflow_model: Model | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Save a fine-tuned causal LM as an MLflow model with the ``smolora`` and ``python_function`` flavors.
+
+    Args:
+        path: an empty or missing local folder.
+        model_dir: merged mode: a ``save_pretrained`` folder (safetensors weights and tokenizer).
+        model, tokenizer: instead of ``model_dir``: a merged model and its tokenizer (merged mode), or a
+            PEFT model (adapter mode).
+        mode: ``merged`` (full weights) or ``adapter`` (only the LoRA adapter plus a base reference).
+        adapter_dir: adapter mode: a PEFT ``save_pretrained`` folder.
+        base_model: hub id, local folder or ``smolora:demo``; adapter mode reads the adapter config
+            when omitted. Recorded for provenance in merged mode.
+        base_model_revision, base_model_sha256: hub revision and weights hash of the base (the hash is
+            computed when the base is local).
+        lora_config: LoRA settings to record (adapter mode reads them from the adapter).
+        training_run_id: the MLflow run that trained the adapter.
+        model_card: README text; a card is generated when omitted.
+        generation_defaults: defaults for generation params (over the model's generation_config).
+        max_new_tokens_limit: largest ``max_new_tokens`` a request may ask for.
+        max_prompt_tokens: longest prompt (in tokens) a request may send; the context always applies.
+        signature, input_example: default to ``prompt -> generated_text`` with a params schema.
+        pip_requirements, extra_pip_requirements, conda_env: as in MLflow; requirements are inferred
+            from the saved model when none are given.
+        code_paths: extra code to ship; the smolora_mlflow package always ships.
+        mlflow_model: set by ``Model.log``.
+        metadata: custom metadata for the MLmodel file.
+
+    Example:
+        >>> save_model("out/model", "outputs/merged", pip_requirements=["torch", "transformers"])
+    """
+    _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
+    files.check_save_args(mode, model_dir, model, tokenizer, adapter_dir, max_new_tokens_limit, max_prompt_tokens)
+    path = Path(path).absolute()
+    _validate_and_prepare_target_save_path(str(path))
+    try:
+        code_subpath = _validate_and_copy_code_paths([str(_PACKAGE_DIR), *(code_paths or [])], str(path))
+        data_dir = files.write_model_data(path, mode, model_dir, model, tokenizer, adapter_dir)
+        conf = files.provenance(mode, data_dir, base_model, base_model_revision, base_model_sha256, lora_config,
+                           training_run_id)
+        config_dir = data_dir if mode == "merged" else files.local_base_dir(conf["base_model"])
+        defaults = files.generation_defaults(config_dir, generation_defaults, max_new_tokens_limit)
+        conf.update(generation_defaults=defaults, max_new_tokens_limit=max_new_tokens_limit,
+                    max_prompt_tokens=max_prompt_tokens, context_length=files.context_length(config_dir))
+        mlflow_model = mlflow_model or Model()
+        _save_example(mlflow_model, files.default_input_example(defaults) if input_example is None
+                      else input_example, str(path))
+        mlflow_model.signature = files.default_signature(defaults) if signature is None else signature or None
+        if metadata is not None:
+            mlflow_model.metadata = metadata
+        card = model_card or files.model_card(conf, Path(conf["base_model"] or path.name).name + " (smolora)")
+        (path / ARTIFACT_MODEL_CARD).write_text(card, encoding="utf-8")
+        pyfunc.add_to_model(mlflow_model, loader_module=__name__, data=conf["data"], code=code_subpath,
+                            conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME, streamable=True)
+        mlflow_model.add_flavor(FLAVOR_NAME, code=code_subpath, **conf)
+        if size := get_total_file_size(str(path)):
+            mlflow_model.model_size_bytes = size
+        mlflow_model.save(str(path / MLMODEL_FILE_NAME))
+        files.write_requirements(path, get_default_pip_requirements(mode), pip_requirements,
+                                 extra_pip_requirements, conda_env)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)  # the folder was empty: leave nothing half-written
+        raise
+
+
+def log_model(
+    name: str = "model",
+    model_dir: str | os.PathLike | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    mode: str = "merged",
+    adapter_dir: str | os.PathLike | None = None,
+    base_model: str | None = None,
+    base_model_revision: str | None = None,
+    base_model_sha256: str | None = None,
+    lora_config: dict[str, Any] | None = None,
+    training_run_id: str | None = None,
+    model_card: str | None = None,
+    generation_defaults: dict[str, Any] | None = None,
+    max_new_tokens_limit: int = 1024,
+    max_prompt_tokens: int | None = None,
+    signature: ModelSignature | None = None,
+    input_example: Any = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    conda_env: Any = None,
+    code_paths: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    registered_model_name: str | None = None,
+    await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
+    **kwargs: Any,
+) -> ModelInfo:
+    """Log a smolora model to the active run (or ``run_id=``) and optionally register it.
+
+    Takes the arguments of :func:`save_model` (except ``path``); ``kwargs`` go to ``Model.log``
+    (``params``, ``tags``, ``model_type``, ``step``, ``model_id``, ``run_id``, ``prompts``).
+
+    Example:
+        >>> with mlflow.start_run():
+        ...     info = log_model("model", "outputs/merged", registered_model_name="reviews")
+        >>> mlflow.pyfunc.load_model(info.model_uri)
+    """
+    return Model.log(
+        artifact_path=None, name=name, flavor=sys.modules[__name__], flavor_name=FLAVOR_NAME,
+        registered_model_name=registered_model_name, await_registration_for=await_registration_for,
+        metadata=metadata, model_dir=model_dir, model=model, tokenizer=tokenizer, mode=mode,
+        adapter_dir=adapter_dir, base_model=base_model, base_model_revision=base_model_revision,
+        base_model_sha256=base_model_sha256, lora_config=lora_config, training_run_id=training_run_id,
+        model_card=model_card, generation_defaults=generation_defaults,
+        max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens, signature=signature,
+        input_example=input_example, pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements, conda_env=conda_env, code_paths=code_paths, **kwargs,
+    )
+
+
+def _torch_dtype(dtype: Any, device) -> Any:
+    import torch
+
+    if dtype is None:
+        return torch.float32 if device.type in ("cpu", "mps") else "auto"
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise MlflowException.invalid_parameter_value(
+            f"`dtype` must be auto, float32, float16, bfloat16 or a torch.dtype, got {dtype!r}."
+        )
+    return names[dtype]
+
+
+def _locate_base(conf: dict[str, Any], base_model_path: str | None) -> Path:
+    """The local folder of an adapter's base model: an override, the recorded path, or the hub cache."""
+    base = conf.get("base_model")
+    local = Path(base_model_path).expanduser() if base_model_path else files.local_base_dir(base)
+    if local is not None and local.is_dir():
+        return local
+    if base and not Path(base).is_absolute() and not base_model_path:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(base, revision=conf.get("base_model_revision")))
+        except Exception as e:
+            raise MlflowException(
+                f"Cannot fetch base model `{base}` (revision {conf.get('base_model_revision')}) for this "
+                f"adapter: {e}. Make it available in the Hugging Face cache, or pass "
+                "`base_model_path=` (pyfunc: model_config={'base_model_path': ...}).",
+                error_code=INVALID_STATE,
+            ) from e
+    raise MlflowException(
+        f"Base model folder `{base_model_path or base}` of this adapter does not exist. Copy the base "
+        "model there, or pass `base_model_path=` (pyfunc: model_config={'base_model_path': ...}).",
+        error_code=INVALID_STATE,
+    )
+
+
+def _check_base_hash(base_dir: Path, conf: dict[str, Any]) -> None:
+    expected = conf.get("base_model_sha256")
+    if not expected:
+        _logger.warning("No base weights hash recorded for this adapter; %s is not verified.", base_dir)
+        return
+    actual = weights_sha256(base_dir)
+    if actual != expected:
+        raise MlflowException(
+            f"The base model weights at `{base_dir}` have sha256 {actual}, but this adapter was trained "
+            f"on `{conf.get('base_model')}` with weights sha256 {expected}. An adapter on other base "
+            "weights gives wrong outputs. Fix: point `base_model_path` to the exact base model the "
+            "adapter was trained on (same revision), or log the model in merged mode.",
+            error_code=INVALID_STATE,
+        )
+
+
+def _load_model(
+    model_root: Path, conf: dict[str, Any], *, device: str = "auto", dtype: Any = None, merge: bool = True,
+    base_model_path: str | None = None,
+) -> tuple[Any, Any]:
+    """Verify the files, then load (model, tokenizer) with transformers (and peft for adapters)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data_dir = model_root / conf["data"]
+    files.verify_files(data_dir, conf.get("file_sha256") or {})
+    dev = resolve_device(device)
+    torch_dtype = _torch_dtype(dtype, dev)
+    if conf["mode"] == "merged":
+        model = AutoModelForCausalLM.from_pretrained(data_dir, dtype=torch_dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(data_dir)
+    else:
+        from peft import PeftModel
+
+        base_dir = _locate_base(conf, base_model_path)
+        _check_base_hash(base_dir, conf)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
+        with quiet_upstream_deprecations():  # peft reads an attribute transformers 5 deprecated
+            model = PeftModel.from_pretrained(base, str(data_dir), is_trainable=False)
+        if merge:
+            model = model.merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    return model.to(dev).eval(), tokenizer
+
+
+class _SmoloraPyfuncWrapper:
+    """pyfunc implementation: validates inputs and params, coalesces concurrent calls, streams."""
+
+    def __init__(self, model, tokenizer, conf: dict[str, Any], *, batch_size: int = 8,
+                 coalesce_window_ms: float = 10.0, max_batch_size: int = 32):
+        self.model, self.tokenizer = model, tokenizer
+        self.defaults = dict(conf.get("generation_defaults") or {})
+        self.max_new_tokens_limit = int(conf.get("max_new_tokens_limit") or 1024)
+        self.max_prompt_tokens = conf.get("max_prompt_tokens")
+        self.context_length = getattr(model.config, "max_position_embeddings", None) or conf.get(
+            "context_length")
+        self.batch_size = int(batch_size)
+        self._tokenizer_lock = threading.Lock()
+        self._batcher = RequestBatcher(self._run_batch, window_s=float(coalesce_window_ms) / 1000,
+                                       max_batch_size=int(max_batch_size))
+        count_tokens(tokenizer, "warm up")  # settle the fast tokenizer's state before threads share it
+
+    @property
+    def stats(self):
+        """Coalescing counters: requests, batches, coalesced_requests, largest_batch."""
+        return self._batcher.stats
+
+    def get_raw_model(self) -> tuple[Any, Any]:
+        return self.model, self.tokenizer
+
+    def _run_batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+        return generate(self.model, self.tokenizer, prompts, batch_size=self.batch_size, **params)
+
+    def _prepare(self, model_input: Any, params: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
+        params = validate_params(params, self.defaults, self.max_new_tokens_limit)
+        with self._tokenizer_lock:
+            prompts = to_prompts(model_input, self.tokenizer)
+            lengths = [count_tokens(self.tokenizer, p) for p in prompts]
+        budget = params["max_new_tokens"]
+        for i, n in enumerate(lengths):
+            if self.max_prompt_tokens and n > self.max_prompt_tokens:
+                raise MlflowException.invalid_parameter_value(
+                    f"Prompt {i} has {n} tokens, more than this model's max_prompt_tokens "
+                    f"({self.max_prompt_tokens}); shorten it.")
+            if self.context_length and n + budget > self.context_length:
+                raise MlflowException.invalid_parameter_value(
+                    f"Prompt {i} has {n} tokens; with max_new_tokens={budget} that exceeds the model's "
+                    f"context of {self.context_length} tokens. Shorten the prompt or lower max_new_tokens.")
+        return prompts, params
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """One ``generated_text`` row per prompt, in order."""
+        prompts, params = self._prepare(model_input, params)
+        return pd.DataFrame({OUTPUT_COLUMN: self._batcher.submit(prompts, params)})
+
+    def predict_stream(self, model_input: Any, params: dict[str, Any] | None = None) -> Iterator[str]:
+        """Text pieces of one prompt's completion; validated before the first piece is asked for."""
+        prompts, params = self._prepare(model_input, params)
+        if len(prompts) != 1:
+            raise MlflowException.invalid_parameter_value(
+                f"predict_stream takes exactly one prompt, got {len(prompts)}.")
+        return stream(self.model, self.tokenizer, prompts[0], lock=self._batcher.lock, **params)
+
+
+def _model_root(path: str) -> Path:
+    p = Path(path)
+    return p if (p / MLMODEL_FILE_NAME).is_file() else p.parent
+
+
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _SmoloraPyfuncWrapper:
+    """Called by ``mlflow.pyfunc.load_model``. ``model_config`` keys: device, dtype, base_model_path,
+    batch_size, coalesce_window_ms, max_batch_size."""
+    cfg = dict(model_config or {})
+    unknown = set(cfg) - {"device", "dtype", "base_model_path", "batch_size", "coalesce_window_ms",
+                          "max_batch_size"}
+    if unknown:
+        raise MlflowException.invalid_parameter_value(f"Unknown model_config keys {sorted(unknown)}.")
+    root = _model_root(path)
+    conf = _get_flavor_configuration(str(root), FLAVOR_NAME)
+    model, tokenizer = _load_model(root, conf, device=cfg.pop("device", "auto"), dtype=cfg.pop("dtype", None),
+                                   base_model_path=cfg.pop("base_model_path", None))
+    return _SmoloraPyfuncWrapper(model, tokenizer, conf, **cfg)
+
+
+def load_model(
+    model_uri: str, dst_path: str | None = None, device: str = "auto", dtype: Any = None,
+    merge: bool = True, base_model_path: str | None = None,
+) -> tuple[Any, Any]:
+    """Load a smolora model as native ``(model, tokenizer)`` objects.
+
+    Args:
+        model_uri: ``runs:/<id>/model``, ``models:/<name>@<alias>``, a local folder, ...
+        dst_path: where to download the artifacts.
+        device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``...
+        dtype: ``None`` (float32 on CPU/MPS, the checkpoint's dtype on CUDA), a name or a torch.dtype.
+        merge: adapter mode: merge the adapter into the base (``merge_and_unload``); False keeps a
+            ``PeftModel``.
+        base_model_path: adapter mode: where the base model lives on this machine, if not where it was.
+
+    Example:
+        >>> model, tokenizer = load_model("models:/reviews@production", device="cpu")
+    """
+    local = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    conf = _get_flavor_configuration(local, FLAVOR_NAME)
+    return _load_model(Path(local), conf, device=device, dtype=dtype, merge=merge,
+                       base_model_path=base_model_path)

@@ -1,0 +1,232 @@
+"""Prompt formatting, batched generation and streaming, shared by the SmoLoRA class and the flavor.
+
+Everything here works on a plain ``transformers`` causal LM and its tokenizer; nothing imports peft or
+trl, so a served model needs neither. Batches are left-padded with an attention mask, and each prompt
+is tokenized on its own before padding, so greedy decoding gives the same text for a prompt alone or
+in a batch.
+
+Example:
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> model = AutoModelForCausalLM.from_pretrained(path)
+    >>> tokenizer = AutoTokenizer.from_pretrained(path)
+    >>> generate(model, tokenizer, ["The food was", "Our waiter"], max_new_tokens=8)
+    [' great and the service', ' was friendly']
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+GENERATION_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 64,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 50,
+    "do_sample": False,
+    "repetition_penalty": 1.0,
+    "seed": -1,  # -1: no seeding
+    "return_full_text": False,
+}
+# Keys of GENERATION_DEFAULTS that are passed to `model.generate` only when sampling.
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Turn ``"auto"`` into the best available device (cuda > mps > cpu); pass others through.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    import torch
+
+    if device != "auto":
+        try:
+            return torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"`device` must be auto, cpu, cuda, cuda:N or mps, got {device!r}.") from e
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_params(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``GENERATION_DEFAULTS`` updated with ``params``; unknown keys raise ``ValueError``."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(GENERATION_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"Unknown generation parameter(s) {unknown}; allowed: {sorted(GENERATION_DEFAULTS)}."
+        )
+    return {**GENERATION_DEFAULTS, **params}
+
+
+def _generate_kwargs(model, tokenizer, p: Mapping[str, Any]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": int(p["max_new_tokens"]),
+        "do_sample": bool(p["do_sample"]),
+        "repetition_penalty": float(p["repetition_penalty"]),
+    }
+    if kwargs["do_sample"]:
+        kwargs.update(temperature=float(p["temperature"]), top_p=float(p["top_p"]), top_k=int(p["top_k"]))
+    else:
+        # Neutralise sampling flags a model's generation_config may set, so greedy runs stay quiet.
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    gen_cfg = getattr(model, "generation_config", None)
+    if gen_cfg is None or gen_cfg.pad_token_id is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        kwargs["pad_token_id"] = pad
+    return kwargs
+
+
+def _encode(tokenizer, prompts: list[str], device) -> dict[str, Any]:
+    """Tokenize each prompt alone, then left-pad, so a prompt's ids never depend on its batch."""
+    bos = tokenizer.bos_token
+    ids = [
+        tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"] for p in prompts
+    ]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(x) for x in ids)
+    import torch
+
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        if seq:
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+def count_tokens(tokenizer, prompt: str) -> int:
+    """Number of tokens ``prompt`` occupies in the model's context, as `generate` encodes it."""
+    bos = tokenizer.bos_token
+    return len(tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"])
+
+
+def generate(
+    model, tokenizer, prompts: list[str], *, batch_size: int = 8, **params: Any
+) -> list[str]:
+    """Generate one completion per prompt, in order, with one ``model.generate`` call per batch.
+
+    Args:
+        model: a ``transformers`` causal LM (eval mode is set here).
+        tokenizer: its tokenizer.
+        prompts: the prompts.
+        batch_size: prompts per ``model.generate`` call.
+        **params: keys of ``GENERATION_DEFAULTS``. Greedy unless ``do_sample``; ``seed >= 0`` seeds
+            torch once per call; ``return_full_text`` prepends each prompt to its completion.
+
+    Returns:
+        The completions, one per prompt.
+
+    Example:
+        >>> generate(model, tokenizer, ["Hello"], max_new_tokens=4)
+        [' world, how are']
+    """
+    import torch
+
+    if isinstance(prompts, str):
+        raise TypeError("`prompts` must be a list of strings; wrap a single prompt as [prompt].")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    p = resolve_params(params)
+    if not prompts:
+        return []
+    kwargs = _generate_kwargs(model, tokenizer, p)
+    device = next(model.parameters()).device
+    if int(p["seed"]) >= 0:
+        torch.manual_seed(int(p["seed"]))
+    model.eval()
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        enc = _encode(tokenizer, batch, device)
+        with torch.inference_mode():
+            seqs = model.generate(**enc, **kwargs)
+        new_tokens = seqs[:, enc["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        out.extend(pr + t if p["return_full_text"] else t for pr, t in zip(batch, texts, strict=True))
+    return out
+
+
+def stream(
+    model, tokenizer, prompt: str, *, lock: threading.Lock | None = None, **params: Any
+) -> Iterator[str]:
+    """Yield the completion of ``prompt`` piece by piece; the pieces join to ``generate([prompt])[0]``.
+
+    ``model.generate`` runs in a worker thread (holding ``lock`` if given) and feeds a
+    ``TextIteratorStreamer``; an error in the worker is re-raised here once the stream ends.
+
+    Example:
+        >>> "".join(stream(model, tokenizer, "Hello", max_new_tokens=4))
+        ' world, how are'
+    """
+    import torch
+    from transformers import TextIteratorStreamer
+
+    if not isinstance(prompt, str):
+        raise TypeError(f"`prompt` must be a string, got {type(prompt).__name__}.")
+    p = resolve_params(params)
+    kwargs = _generate_kwargs(model, tokenizer, p)
+    device = next(model.parameters()).device
+    enc = _encode(tokenizer, [prompt], device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with lock or nullcontext(), torch.inference_mode():
+                if int(p["seed"]) >= 0:
+                    torch.manual_seed(int(p["seed"]))
+                model.eval()
+                model.generate(**enc, **kwargs, streamer=streamer)
+        except BaseException as e:  # re-raised in the consumer, never swallowed
+            errors.append(e)
+            streamer.end()
+
+    worker = threading.Thread(target=work, name="smolora-stream", daemon=True)
+    worker.start()
+    if p["return_full_text"]:
+        yield prompt
+    for piece in streamer:
+        if piece:
+            yield piece
+    worker.join()
+    if errors:
+        raise errors[0]
+
+
+def format_chat(tokenizer, messages: list[dict[str, Any]]) -> str:
+    """Render chat ``messages`` with the tokenizer's chat template, ready for the assistant's turn.
+
+    Example:
+        >>> format_chat(tokenizer, [{"role": "user", "content": "Hi"}])
+        '<|user|>Hi</s><|assistant|>'
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "This tokenizer has no chat template, so chat messages cannot be formatted; send plain "
+            "string prompts, or set `tokenizer.chat_template` before saving the model."
+        )
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("`messages` must be a non-empty list of {'role', 'content'} dicts.")
+    for i, m in enumerate(messages):
+        ok = isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        if not ok:
+            raise ValueError(f"message {i} must be a dict with string `role` and `content`, got {m!r}.")
+    return tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+    )

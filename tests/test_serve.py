@@ -1,0 +1,199 @@
+"""End to end: the real `mlflow models serve` and `mlflow models predict` on a saved smolora model.
+
+The server runs from a folder outside the repository with no PYTHONPATH, so it can only import
+smolora_mlflow from the model's own code path: what a deployment has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The food was", "Our waiter brought", "I would come back because", "Great"]
+PARAMS = {"max_new_tokens": 6}
+DEFAULT_TOKENS = 8  # saved as the model's default, to keep the tests quick
+
+
+def _clean_env() -> dict[str, str]:
+    """No PYTHONPATH: the subprocess must find smolora_mlflow in the model's code path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _mlflow_cli() -> list[str]:
+    return [sys.executable, "-m", "mlflow"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, demo_model_dir) -> Path:
+    from smolora_mlflow import flavor
+
+    path = tmp_path_factory.mktemp("serve") / "model"
+    flavor.save_model(path, demo_model_dir, pip_requirements=["torch", "transformers", "safetensors"],
+                      generation_defaults={"max_new_tokens": DEFAULT_TOKENS})
+    return path
+
+
+@pytest.fixture(scope="module")
+def expected(demo_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smolora_mlflow.generation import generate
+
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir)
+    tok = AutoTokenizer.from_pretrained(demo_model_dir)
+
+    def run(prompts, **params):
+        return generate(model, tok, list(prompts), **{"max_new_tokens": DEFAULT_TOKENS, **params})
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    import requests
+
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("server-cwd")
+    log = open(workdir / "server.log", "w+")  # noqa: SIM115 - closed in the finally below
+    cmd = [*_mlflow_cli(), "models", "serve", "-m", str(model_path), "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log.read()[-5000:]}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"server did not answer /ping in 180 s:\n{log.read()[-5000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def _post(url: str, payload, timeout: float = 120):
+    import requests
+
+    body = payload if isinstance(payload, str) else json.dumps(payload)
+    return requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"},
+                         timeout=timeout)
+
+
+def _texts(response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [row["generated_text"] for row in response.json()["predictions"]]
+
+
+PAYLOADS = {
+    "dataframe_split": {"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS]}},
+    "dataframe_records": {"dataframe_records": [{"prompt": p} for p in PROMPTS]},
+    "inputs": {"inputs": {"prompt": PROMPTS}},
+    "instances": {"instances": [{"prompt": p} for p in PROMPTS]},
+}
+
+
+@pytest.mark.parametrize("with_params", [False, True])
+@pytest.mark.parametrize("form", sorted(PAYLOADS))
+def test_payload_forms(server, expected, form, with_params):
+    payload = dict(PAYLOADS[form])
+    if with_params:
+        payload["params"] = PARAMS
+    assert _texts(_post(server, payload)) == expected(PROMPTS, **(PARAMS if with_params else {}))
+
+
+def test_unified_llm_payload_and_full_text(server, expected):
+    response = _post(server, {"prompt": PROMPTS[0], "max_new_tokens": 4, "return_full_text": True})
+    assert response.status_code == 200, response.text
+    assert response.json() == [{"generated_text": PROMPTS[0] + expected(PROMPTS[:1], max_new_tokens=4)[0]}]
+
+
+def test_chat_messages_in_a_prompt_cell(server, expected):
+    messages = [{"role": "user", "content": "The food was"}]
+    response = _post(server, {"dataframe_records": [{"prompt": messages}], "params": PARAMS})
+    assert _texts(response) == expected(["<|user|>The food was</s><|assistant|>"], **PARAMS)
+
+
+def test_unknown_params_are_dropped_by_mlflow_not_a_500(server, expected):
+    # MLflow's params-schema enforcement warns and drops unknown params before the model runs.
+    payload = {**PAYLOADS["dataframe_records"], "params": {"max_tokens": 3, **PARAMS}}
+    assert _texts(_post(server, payload)) == expected(PROMPTS, **PARAMS)
+
+
+BAD = [
+    ({"dataframe_split": {"columns": ["text"], "data": [["a"]]}}, r"missing inputs ['prompt']"),
+    ({"dataframe_records": [{"prompt": ""}]}, "row 0 is an empty string"),
+    ({"dataframe_records": [{"prompt": "ok"}, {"prompt": None}]}, "row 1 is missing"),
+    ({"dataframe_records": [{"prompt": 7}]}, "`prompt` at row 0 must be a string"),
+    ({**PAYLOADS["inputs"], "params": {"max_new_tokens": 0}}, "`max_new_tokens` must be in 1..1024, got 0"),
+    ({**PAYLOADS["inputs"], "params": {"max_new_tokens": "lots"}}, "max_new_tokens"),
+    ({**PAYLOADS["inputs"], "params": {"do_sample": True, "temperature": 0}}, "`temperature` must be > 0"),
+    ({**PAYLOADS["inputs"], "params": {"top_p": 1.5}}, "`top_p` must be in (0, 1]"),
+    ({**PAYLOADS["inputs"], "params": {"top_k": -2}}, "`top_k` must be >= 0"),
+    ({**PAYLOADS["inputs"], "params": {"repetition_penalty": -1.0}}, "`repetition_penalty` must be > 0"),
+    ({"dataframe_records": [{"prompt": "word " * 600}]}, "exceeds the model's context of 512 tokens"),
+    ('{"dataframe_records": [', "valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("payload", "message"), BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_requests_are_4xx_with_the_reason(server, payload, message):
+    import requests
+
+    response = _post(server, payload)
+    assert 400 <= response.status_code < 500, response.text
+    assert message in response.json()["message"]
+    assert requests.get(f"{server}/ping", timeout=5).status_code == 200
+
+
+def test_concurrent_clients_get_their_own_answers(server, expected):
+    prompts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 2)]
+    want = expected(prompts, **PARAMS)
+
+    def ask(prompt: str) -> list[str]:
+        return _texts(_post(server, {"dataframe_records": [{"prompt": prompt}], "params": PARAMS}))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(ask, prompts))
+    assert got == [[w] for w in want]
+
+
+def test_mlflow_models_predict_cli(model_path, tmp_path, expected):
+    payload = {**PAYLOADS["dataframe_split"], "params": PARAMS}
+    (tmp_path / "in.json").write_text(json.dumps(payload))
+    cmd = [*_mlflow_cli(), "models", "predict", "-m", str(model_path), "-i", str(tmp_path / "in.json"),
+           "-t", "json", "--env-manager", "local", "-o", str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert [row["generated_text"] for row in out["predictions"]] == expected(PROMPTS, **PARAMS)
