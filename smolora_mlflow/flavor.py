@@ -310,7 +310,7 @@ class _SmoloraPyfuncWrapper:
     """pyfunc implementation: validates inputs and params, coalesces concurrent calls, streams."""
 
     def __init__(self, model, tokenizer, conf: dict[str, Any], *, batch_size: int = 8,
-                 coalesce_window_ms: float = 10.0, max_batch_size: int = 32):
+                 coalesce_window_ms: float = 0.0, max_batch_size: int = 32):
         self.model, self.tokenizer = model, tokenizer
         self.defaults = dict(conf.get("generation_defaults") or {})
         self.max_new_tokens_limit = int(conf.get("max_new_tokens_limit") or 1024)
