@@ -1,0 +1,216 @@
+"""Read-only helpers of :mod:`smolora_mlflow.registry`: names, errors, lookups, legality, lineage.
+
+Nothing here writes to MLflow, so the public functions can validate everything before their first write.
+The second half answers "what does this reference to a model mean": its source URI, training run,
+logged model, lineage tags and model card.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from smolora_mlflow import constants as C
+
+_logger = logging.getLogger("smolora_mlflow.registry")
+
+STAGES = ("None", "Staging", "Production", "Archived")
+STAGE_ALIASES = {"Staging": "staging", "Production": "production"}
+LEGAL_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "None": ("Staging", "Production", "Archived"),
+    "Staging": ("None", "Production", "Archived"),
+    "Production": ("Staging", "Archived"),
+    "Archived": ("Staging", "Production"),
+}
+TAG_RUN_ID = "smolora.run_id"
+TAG_MODEL_ID = "smolora.model_id"  # MLflow's SQL store does not keep ModelVersion.model_id
+PARAM_TAG_PREFIX = "smolora.param."
+METRIC_TAG_PREFIX = "smolora.metric."
+TRANSITION_TAG_PREFIX = "smolora.transition."
+PROMOTION_TAG_PREFIX = "smolora.promotion."
+LINEAGE_PARAMS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+KEY_METRICS = (C.METRIC_TRAIN_LOSS, C.METRIC_EVAL_LOSS, C.METRIC_EVAL_PERPLEXITY, C.METRIC_LOSS)
+LINEAGE_TAGS = (C.TAG_BASE_MODEL, C.TAG_BASE_MODEL_REVISION, C.TAG_BASE_MODEL_SHA256, C.TAG_DATASET,
+                C.TAG_DATASET_FINGERPRINT, C.TAG_GIT_COMMIT)
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def bad(msg: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(msg)
+
+
+def missing(msg: str) -> MlflowException:
+    return MlflowException(msg, error_code=RESOURCE_DOES_NOT_EXIST)
+
+
+def has_code(e: MlflowException, *codes: int) -> bool:
+    return e.error_code in {ErrorCode.Name(c) for c in codes}
+
+
+def canonical_stage(stage: str | None) -> str:
+    by_lower = {s.lower(): s for s in STAGES}
+    if stage is None or (isinstance(stage, str) and stage.lower() in by_lower):
+        return "None" if stage is None else by_lower[stage.lower()]
+    raise bad(f"Unknown stage {stage!r}; allowed stages are {', '.join(STAGES)} (case-insensitive).")
+
+
+def get_model(client: MlflowClient, name: str):
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as e:
+        if not has_code(e, RESOURCE_DOES_NOT_EXIST):
+            raise
+        known = ", ".join(m.name for m in client.search_registered_models(max_results=20)) or "none"
+        raise missing(f"Registered model {name!r} does not exist; known models: {known}.") from e
+
+
+def all_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    out, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        out.extend(page)
+        if not (token := page.token):
+            return sorted(out, key=lambda mv: int(mv.version))
+
+
+def get_version(client: MlflowClient, name: str, version: int | str) -> ModelVersion:
+    get_model(client, name)
+    if not str(version).isdigit():
+        raise bad(f"Model version must be a positive integer, got {version!r}.")
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as e:
+        if not has_code(e, RESOURCE_DOES_NOT_EXIST):
+            raise
+        existing = ", ".join(str(mv.version) for mv in all_versions(client, name)) or "none"
+        raise missing(f"Model {name!r} has no version {version}; its versions are: {existing}.") from e
+
+
+def stage_holder(versions: Iterable[ModelVersion], stage: str) -> ModelVersion | None:
+    """What ``models:/name/<stage>`` resolves to: the highest version in that stage."""
+    held = [mv for mv in versions if mv.current_stage == stage]
+    return max(held, key=lambda mv: int(mv.version)) if held else None
+
+
+def check_legal(mv: ModelVersion, target: str) -> None:
+    current = mv.current_stage or "None"
+    if target not in LEGAL_TRANSITIONS[current]:
+        raise bad(f"Illegal transition of model {mv.name!r} version {mv.version} from {current} to "
+                  f"{target}{' (it is already there)' if current == target else ''}; from {current} "
+                  f"it may move to {', '.join(LEGAL_TRANSITIONS[current])}.")
+
+
+def default_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry in some containers; the name is informative only
+        return "unknown"
+
+
+def history_rows(versions: Iterable[ModelVersion]) -> list[dict[str, Any]]:
+    """Every ``smolora.transition.*`` tag as a dict, in key (= time) order."""
+    rows = []
+    for mv in versions:
+        for key, value in mv.tags.items():
+            if key.startswith(TRANSITION_TAG_PREFIX):
+                try:
+                    rows.append({"key": key, "version": int(mv.version), **json.loads(value)})
+                except (ValueError, TypeError) as e:
+                    _logger.warning("Skipping unreadable history tag %s of version %s: %s", key, mv.version, e)
+    return sorted(rows, key=lambda r: r["key"])
+
+
+def metric_value(client: MlflowClient, mv: ModelVersion, metric: str) -> float | None:
+    """The version's ``smolora.metric.<metric>`` tag, else the latest value in its run, else None."""
+    if METRIC_TAG_PREFIX + metric in mv.tags:
+        return float(mv.tags[METRIC_TAG_PREFIX + metric])
+    return client.get_run(mv.run_id).data.metrics.get(metric) if mv.run_id else None
+
+
+# --- what a reference to a model means --------------------------------------------------------------
+
+def _find_logged_model(client: MlflowClient, run_id: str, wanted: str | None):
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise missing(f"Run {run_id!r} does not exist in {client.tracking_uri}.") from e
+    models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
+    names = sorted({m.name for m in models})
+    wanted = wanted or ("model" if len(names) > 1 else None)
+    if found := sorted((m for m in models if wanted in (None, m.name)), key=lambda m: m.creation_timestamp):
+        return found[-1]
+    path = wanted or "model"  # an MLflow 2 model kept in the run's own artifacts
+    if any(f.path == f"{path}/MLmodel" for f in client.list_artifacts(run_id, path)):
+        return None
+    raise missing(f"Run {run_id} has no logged model named {path!r}; its logged models: "
+                  f"{', '.join(names) or 'none'}. Pass runs:/{run_id}/<name> or models:/<model_id>.")
+
+
+def logged_source(client: MlflowClient, ref: str) -> tuple[str, str | None, str | None, str]:
+    """``(source, run_id, model_id, artifact_uri)`` of a run id, ``runs:/``, ``m-`` id or plain URI.
+
+    ``models:/<name>/...`` references to registered versions are resolved by the caller.
+    """
+    if ref.startswith("runs:/") or _RUN_ID.match(ref):
+        run_id, _, path = ref.removeprefix("runs:/").strip("/").partition("/")
+        if lm := _find_logged_model(client, run_id, path or None):
+            return f"models:/{lm.model_id}", run_id, lm.model_id, lm.artifact_location
+        uri = f"runs:/{run_id}/{path or 'model'}"
+        return uri, run_id, None, f"{client.get_run(run_id).info.artifact_uri}/{path or 'model'}"
+    model_id = ref.removeprefix("models:/")
+    if model_id.startswith("m-") and "/" not in model_id:
+        lm = client.get_logged_model(model_id)
+        return f"models:/{lm.model_id}", lm.source_run_id, lm.model_id, lm.artifact_location
+    if "://" in ref or ref.startswith(("file:", "mlflow-artifacts:")):
+        return ref, None, None, ref
+    raise bad(f"Cannot register {ref!r}: expected runs:/<run_id>/<name>, models:/<model_id>, m-<model_id>, "
+              "models:/<name>/<version|stage>, models:/<name>@<alias> or a run id.")
+
+
+def lineage_tags(run, model_id: str | None) -> dict[str, str]:
+    """Version tags copied from the training run: ids, lineage tags, LoRA params, key metrics."""
+    tags = {TAG_MODEL_ID: model_id} if model_id else {}
+    if run is None:
+        return tags
+    data = run.data
+    tags[TAG_RUN_ID] = run.info.run_id
+    tags.update({k: v for k, v in data.tags.items() if k in LINEAGE_TAGS or k.startswith(C.TAG_VERSION_PREFIX)})
+    tags.update({PARAM_TAG_PREFIX + p: data.params[p] for p in LINEAGE_PARAMS if p in data.params})
+    tags.update({METRIC_TAG_PREFIX + m: repr(float(data.metrics[m])) for m in KEY_METRICS if m in data.metrics})
+    return tags
+
+
+def model_card(client: MlflowClient, artifact_uri: str) -> str | None:
+    """The README.md at the top of the model's artifacts, without YAML front matter; None if absent."""
+    files = mlflow.artifacts.list_artifacts(artifact_uri=artifact_uri, tracking_uri=client.tracking_uri)
+    if not any(f.path.rsplit("/", 1)[-1] == C.ARTIFACT_MODEL_CARD for f in files):
+        return None
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri}/{C.ARTIFACT_MODEL_CARD}",
+                                                tracking_uri=client.tracking_uri)
+    with open(local, encoding="utf-8") as f:
+        text = f.read()
+    if text.startswith("---\n") and "\n---" in text[4:]:  # Hugging Face YAML front matter
+        text = text[4:].split("\n---", 1)[1].lstrip("-\n")
+    return text.strip() or None
+
+
+def summary(run, source: str) -> str:
+    """A one-paragraph description of a version generated from its training run."""
+    if run is None:
+        return f"Registered from {source}."
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    lora = ", ".join(f"{p.removeprefix('lora_')}={params[p]}" for p in LINEAGE_PARAMS if p in params)
+    scores = ", ".join(f"{m}={metrics[m]:.4g}" for m in KEY_METRICS if m in metrics)
+    return (f"LoRA fine-tune of {tags.get(C.TAG_BASE_MODEL, 'an unrecorded base model')} on "
+            f"{tags.get(C.TAG_DATASET, 'an unrecorded dataset')}" + (f" ({lora})" if lora else "")
+            + f", trained in run {run.info.run_id}." + (f" Final metrics: {scores}." if scores else ""))
