@@ -310,7 +310,8 @@ class _SmoloraPyfuncWrapper:
     """pyfunc implementation: validates inputs and params, coalesces concurrent calls, streams."""
 
     def __init__(self, model, tokenizer, conf: dict[str, Any], *, batch_size: int = 8,
-                 coalesce_window_ms: float = 0.0, max_batch_size: int = 32):
+                 coalesce_window_ms: float = 0.0, max_batch_size: int = 32,
+                 max_prompts_per_request: int = 256, max_prompt_chars: int = 100_000):
         self.model, self.tokenizer = model, tokenizer
         self.defaults = dict(conf.get("generation_defaults") or {})
         self.max_new_tokens_limit = int(conf.get("max_new_tokens_limit") or 1024)
@@ -318,6 +319,9 @@ class _SmoloraPyfuncWrapper:
         self.context_length = getattr(model.config, "max_position_embeddings", None) or conf.get(
             "context_length")
         self.batch_size = int(batch_size)
+        # One request must not be able to exhaust memory or hold the model for minutes.
+        self.max_prompts_per_request = int(max_prompts_per_request)
+        self.max_prompt_chars = int(max_prompt_chars)
         self._tokenizer_lock = threading.Lock()
         self._batcher = RequestBatcher(self._run_batch, window_s=float(coalesce_window_ms) / 1000,
                                        max_batch_size=int(max_batch_size))
@@ -338,6 +342,7 @@ class _SmoloraPyfuncWrapper:
         params = validate_params(params, self.defaults, self.max_new_tokens_limit)
         with self._tokenizer_lock:
             prompts = to_prompts(model_input, self.tokenizer)
+            self._check_request_size(prompts)
             lengths = [count_tokens(self.tokenizer, p) for p in prompts]
         budget = params["max_new_tokens"]
         for i, n in enumerate(lengths):
@@ -350,6 +355,17 @@ class _SmoloraPyfuncWrapper:
                     f"Prompt {i} has {n} tokens; with max_new_tokens={budget} that exceeds the model's "
                     f"context of {self.context_length} tokens. Shorten the prompt or lower max_new_tokens.")
         return prompts, params
+
+    def _check_request_size(self, prompts: list[str]) -> None:
+        if len(prompts) > self.max_prompts_per_request:
+            raise MlflowException.invalid_parameter_value(
+                f"The request holds {len(prompts)} prompts, more than max_prompts_per_request "
+                f"({self.max_prompts_per_request}); split it into smaller requests.")
+        for i, p in enumerate(prompts):
+            if len(p) > self.max_prompt_chars:
+                raise MlflowException.invalid_parameter_value(
+                    f"Prompt {i} has {len(p):,} characters, more than max_prompt_chars "
+                    f"({self.max_prompt_chars:,}); shorten it.")
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One ``generated_text`` row per prompt, in order."""
@@ -372,10 +388,10 @@ def _model_root(path: str) -> Path:
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _SmoloraPyfuncWrapper:
     """Called by ``mlflow.pyfunc.load_model``. ``model_config`` keys: device, dtype, base_model_path,
-    batch_size, coalesce_window_ms, max_batch_size."""
+    batch_size, coalesce_window_ms, max_batch_size, max_prompts_per_request, max_prompt_chars."""
     cfg = dict(model_config or {})
     unknown = set(cfg) - {"device", "dtype", "base_model_path", "batch_size", "coalesce_window_ms",
-                          "max_batch_size"}
+                          "max_batch_size", "max_prompts_per_request", "max_prompt_chars"}
     if unknown:
         raise MlflowException.invalid_parameter_value(f"Unknown model_config keys {sorted(unknown)}.")
     root = _model_root(path)

@@ -6,18 +6,15 @@ smolora_mlflow from the model's own code path: what a deployment has.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from servers import start_model_server
 
 pytestmark = pytest.mark.slow
 
@@ -64,41 +61,10 @@ def expected(demo_model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    import requests
-
-    port = free_port()
     workdir = tmp_path_factory.mktemp("server-cwd")
-    log = open(workdir / "server.log", "w+")  # noqa: SIM115 - closed in the finally below
-    cmd = [*_mlflow_cli(), "models", "serve", "-m", str(model_path), "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(cmd, cwd=workdir, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log.read()[-5000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"server did not answer /ping in 180 s:\n{log.read()[-5000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+    srv = start_model_server(model_path, workdir / "server.log", cwd=workdir, env=_clean_env())
+    yield srv.url
+    srv.stop()
 
 
 def _post(url: str, payload, timeout: float = 120):
