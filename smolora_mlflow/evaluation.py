@@ -163,7 +163,9 @@ def eval_loss(model, tokenizer, rows: list[dict[str, Any]], fmt: str, *, max_len
 
 
 def _progress_enabled() -> bool:
-    return os.environ.get("SMOLORA_PROGRESS", "1") != "0"
+    from smolora_mlflow.modelio import progress_enabled
+
+    return progress_enabled()
 
 
 def sample_generations(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:

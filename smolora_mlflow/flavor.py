@@ -29,6 +29,7 @@ import shutil
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -286,13 +287,21 @@ def _load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data_dir = model_root / conf["data"]
-    files.verify_files(data_dir, conf.get("file_sha256") or {})
     dev = resolve_device(device)
     torch_dtype = _torch_dtype(dtype, dev)
     if conf["mode"] == "merged":
-        model = AutoModelForCausalLM.from_pretrained(data_dir, dtype=torch_dtype, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(data_dir)
+        # Hash the files while transformers reads them (hashlib and safetensors both leave the GIL), and
+        # hand nothing back until the hashes match: a tampered file is parsed (safetensors and JSON run no
+        # code) but never used. Verifying first would cost a second pass over the weights.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="smolora-verify") as pool:
+            verified = pool.submit(files.verify_files, data_dir, conf.get("file_sha256") or {})
+            try:
+                model = AutoModelForCausalLM.from_pretrained(data_dir, dtype=torch_dtype, use_safetensors=True)
+                tokenizer = AutoTokenizer.from_pretrained(data_dir)
+            finally:
+                verified.result()
     else:
+        files.verify_files(data_dir, conf.get("file_sha256") or {})
         from peft import PeftModel
 
         base_dir = _locate_base(conf, base_model_path)

@@ -21,6 +21,22 @@ logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 
 
+def progress_enabled() -> bool:
+    """Progress bars are on unless ``SMOLORA_PROGRESS=0`` (tests, notebooks, CI logs)."""
+    return os.environ.get("SMOLORA_PROGRESS", "1") != "0"
+
+
+def silence_progress_bars_if_asked() -> None:
+    """With ``SMOLORA_PROGRESS=0``, also hide the dataset-map and weight-loading bars of datasets/transformers."""
+    if progress_enabled():
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
 @contextlib.contextmanager
 def quiet_upstream_deprecations() -> Iterator[None]:
     """Hide deprecation warnings that one upstream library raises about another's API.

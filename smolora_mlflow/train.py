@@ -87,7 +87,7 @@ def get_sft_config(cfg: SmoloraConfig, *, device: str, dtype: Any, has_eval: boo
         fp16=dtype == torch.float16,
         use_cpu=device == "cpu",
         dataset_text_field="text",
-        disable_tqdm=os.environ.get("SMOLORA_PROGRESS", "1") == "0",
+        disable_tqdm=not modelio.progress_enabled(),
     )
 
 
@@ -170,6 +170,7 @@ class SmoLoRA:
         from smolora_mlflow.tracking import make_tracker
 
         cfg = self.config
+        modelio.silence_progress_bars_if_asked()
         data = self.prepare()
         resume = checkpoints.resolve_resume(
             cfg.resume_from_checkpoint, self.output_dir, checkpoint_dir_of_run=_checkpoint_dir_of_run
