@@ -352,7 +352,7 @@ def load(name: str, stage_or_alias: int | str = "production") -> mlflow.pyfunc.P
     """Load a registered version as a pyfunc model; see :func:`resolve` for ``stage_or_alias``.
 
     Example:
-        >>> load("reviews-lora", "champion").predict(["Great phone"])  # doctest: +SKIP
+        >>> load("reviews-lora", "champion").predict({"prompt": ["Great phone"]})  # doctest: +SKIP
     """
     return mlflow.pyfunc.load_model(f"models:/{name}/{resolve(name, stage_or_alias).version}")
 

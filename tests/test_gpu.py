@@ -30,5 +30,5 @@ def test_bf16_training_and_pyfunc_serving_on_cuda(tmp_path, tracking_uri, smolor
     lora.save()
     info = lora.log_model(pip_requirements=["torch", "transformers", "safetensors"])
     model = mlflow.pyfunc.load_model(info.model_uri)
-    out = model.predict(["The food was"], params={"max_new_tokens": 8})
+    out = model.predict({"prompt": ["The food was"]}, params={"max_new_tokens": 8})
     assert out["generated_text"][0] == lora.inference("The food was", max_new_tokens=8)
