@@ -125,7 +125,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         info = log_trained_model(lora, mode=args.mode, registered_model_name=cfg.registered_model_name,
                                  **_log_options(args))
     elif log_model:
-        note = "model not logged: tracking is off"
+        from smolora_mlflow.tracking import is_main_process
+
+        note = ("model not logged: tracking is off" if is_main_process()
+                else "this is not the main process: rank 0 logs the run and the model")
     version = getattr(info, "registered_model_version", None)
     _print_summary(f"{PROG} train: done", [
         _run_row("training run", result.run_id), ("adapter", result.adapter_dir),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -394,14 +395,19 @@ def is_secret(key: str) -> bool:
     return bool(SECRET_WORDS.intersection(words)) or "api_key" in "_".join(words) or words[-1:] == ["key"]
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^/@:\s]+:)[^/@\s]+@")
+
+
 def redact(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy with secret-looking keys (and nested ones) replaced by ``***``."""
+    """A copy with secret-looking keys (and nested ones) replaced by ``***``, and passwords in URLs masked."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         if is_secret(key) and value not in (None, ""):
             out[key] = "***"
         elif isinstance(value, Mapping):
             out[key] = redact(value)
+        elif isinstance(value, str):
+            out[key] = _URL_PASSWORD.sub(r"\g<head>***@", value)
         else:
             out[key] = value
     return out

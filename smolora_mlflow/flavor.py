@@ -210,6 +210,8 @@ def log_model(
         ...     info = log_model("model", "outputs/merged", registered_model_name="reviews")
         >>> mlflow.pyfunc.load_model(info.model_uri)
     """
+    if kwargs.get("run_id") and "model_id" not in kwargs:
+        kwargs["model_id"] = _logged_model_in_runs_experiment(name, kwargs["run_id"], kwargs)
     return Model.log(
         artifact_path=None, name=name, flavor=sys.modules[__name__], flavor_name=FLAVOR_NAME,
         registered_model_name=registered_model_name, await_registration_for=await_registration_for,
@@ -221,6 +223,25 @@ def log_model(
         input_example=input_example, pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements, conda_env=conda_env, code_paths=code_paths, **kwargs,
     )
+
+
+def _logged_model_in_runs_experiment(name: str, run_id: str, kwargs: dict[str, Any]) -> str | None:
+    """Create the LoggedModel in the experiment of ``run_id``, not in the process's current one.
+
+    ``Model.log(run_id=...)`` outside that run creates the model in the active experiment (often Default),
+    where ``runs:/<run_id>/<name>`` cannot find it and an auth server refuses a non-admin user.
+    """
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        return None
+    run = mlflow.MlflowClient().get_run(run_id)
+    params = {**run.data.params, **{k: str(v) for k, v in (kwargs.pop("params", None) or {}).items()}}
+    tags = {k: str(v) for k, v in (kwargs.pop("tags", None) or {}).items()}
+    model = mlflow.initialize_logged_model(name=name, source_run_id=run_id, experiment_id=run.info.experiment_id,
+                                           params=params, tags=tags or None, model_type=kwargs.pop("model_type", None))
+    return model.model_id
 
 
 def _torch_dtype(dtype: Any, device) -> Any:

@@ -126,3 +126,11 @@ def test_secrets_are_redacted_but_token_counts_are_not():
     assert out["run_tags"] == {"hf_token": "***", "team": "nlp"}
     assert out["sample_max_new_tokens"] == cfg.sample_max_new_tokens
     assert "hf_abc" not in cfg.to_yaml()
+
+
+def test_passwords_in_urls_are_masked():
+    cfg = SmoloraConfig(tracking_uri="http://alice:s3cr3t@mlflow.internal:5000", run_tags={"db_password": "pw"})
+    text = cfg.to_yaml()
+    assert "s3cr3t" not in text and "http://alice:***@mlflow.internal:5000" in text
+    assert "pw" not in redact({"db_password": "pw"}).values()
+    assert redact({"u": "postgresql+psycopg2://u:p@db/x"}) == {"u": "postgresql+psycopg2://u:***@db/x"}
