@@ -5,21 +5,30 @@ Pure functions of the config, the data and the metrics; `tracking` decides when 
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
-import io
+import json
+import math
+import os
 import platform
+import subprocess
 from typing import Any
 
 from smolora_mlflow import constants as C
 from smolora_mlflow.config import SmoloraConfig, redact
 
 PARAM_DISPLAY_LIMIT = 500
-_SKIP_PARAMS = {"run_tags", "tracking_uri"}  # tags are logged as tags; the URI is where the run already is
+# run_tags are logged as tags; the tracking URI is where the run already is, and may hold a password.
+_SKIP_PARAMS = {"run_tags", "tracking_uri"}
 
 
 def _param_text(value: Any) -> str:
+    """Readable and lossless: ``q_proj,v_proj`` (what the CLI accepts), JSON when an item holds a comma."""
     if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
+        items = [str(v) for v in value]
+        return json.dumps(items) if any("," in v for v in items) else ",".join(items)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
     if value is None:
         return "None"
     return str(value)
@@ -50,7 +59,21 @@ def flat_params(cfg: SmoloraConfig, data) -> tuple[dict[str, str], dict[str, str
     return params, long_values
 
 
+def config_yaml(cfg: SmoloraConfig) -> str:
+    """The resolved config as YAML (loads back with ``SmoloraConfig.from_yaml``), without URI credentials."""
+    if cfg.tracking_uri and "@" in cfg.tracking_uri:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(cfg.tracking_uri)
+        if parts.username or parts.password:
+            host = parts.netloc.rsplit("@", 1)[1]
+            cfg = cfg.replace(tracking_uri=urlunsplit(parts._replace(netloc=f"***@{host}")))
+    return cfg.to_yaml()
+
+
+@functools.lru_cache(maxsize=1)
 def package_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a run (looked up once per process: they cannot change)."""
     out = {}
     for dist in ("torch", "transformers", "peft", "trl", "mlflow", "datasets", "smolora-mlflow"):
         try:
@@ -60,9 +83,18 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def lineage_tags(cfg: SmoloraConfig, data, base_info: dict, device: str) -> dict[str, str]:
-    from smolora_mlflow.tracking import git_commit
+def git_commit(path: str | os.PathLike = ".") -> str | None:
+    """HEAD of the git work tree holding ``path``, or None outside one (or without git)."""
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
+
+def lineage_tags(cfg: SmoloraConfig, data, base_info: dict, device: str, *, with_git: bool = True) -> dict[str, str]:
+    """Where the run came from: base model id and weights hash, dataset fingerprint, versions, device, commit."""
     tags = {
         C.TAG_BASE_MODEL: cfg.base_model,
         C.TAG_DATASET: data.source,
@@ -76,7 +108,7 @@ def lineage_tags(cfg: SmoloraConfig, data, base_info: dict, device: str) -> dict
         tags[C.TAG_BASE_MODEL_REVISION] = str(base_info.get("revision") or cfg.base_model_revision)
     for name, version in package_versions().items():
         tags[C.TAG_VERSION_PREFIX + name] = version
-    commit = git_commit()
+    commit = git_commit() if with_git else None
     if commit:
         tags[C.TAG_GIT_COMMIT] = commit
     return tags
@@ -135,29 +167,80 @@ or, once a model was logged with the smolora flavor: `mlflow.pyfunc.load_model("
 """
 
 
+_SIZE = (640, 360)
+_BOX = (70, 36, 622, 316)  # plot area: left, top, right, bottom
+_COLORS = {C.METRIC_LOSS: (31, 119, 180), C.METRIC_EVAL_LOSS: (255, 127, 14)}
+
+
 def loss_curve_png(history: dict[str, list[tuple[int, float]]], title: str):
-    """A PIL image of loss (and eval loss) against step, or None when there is nothing to draw."""
-    if not history.get(C.METRIC_LOSS):
+    """A PIL image of loss (and eval loss) against step, or None when there is nothing to draw.
+
+    Drawn with PIL alone: matplotlib's import and text layout cost about a second on a small CPU box,
+    more than the rest of a run's record, for a chart this simple.
+    """
+    series = {k: sorted(history.get(k, [])) for k in (C.METRIC_LOSS, C.METRIC_EVAL_LOSS)}
+    if not series[C.METRIC_LOSS]:
         return None
-    import matplotlib
+    from PIL import Image, ImageDraw
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-    from PIL import Image
+    img = Image.new("RGB", _SIZE, "white")
+    draw = ImageDraw.Draw(img)
+    font = _font(12)
+    points = [p for s in series.values() for p in s]
+    xs, ys = _span([s for s, _ in points]), _span([v for _, v in points])
+    left, top, right, bottom = _BOX
 
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    ax = fig.add_subplot()
-    for key, style in ((C.METRIC_LOSS, "-"), (C.METRIC_EVAL_LOSS, "o--")):
-        points = sorted(history.get(key, []))
-        if points:
-            ax.plot([s for s, _ in points], [v for _, v in points], style, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    def to_px(step: float, value: float) -> tuple[float, float]:
+        return (left + (step - xs[0]) / (xs[1] - xs[0]) * (right - left),
+                bottom - (value - ys[0]) / (ys[1] - ys[0]) * (bottom - top))
+
+    for tick in _ticks(*ys):
+        y = to_px(xs[0], tick)[1]
+        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+        draw.text((left - 6, y), f"{tick:.4g}", fill="black", font=font, anchor="rm")
+    for tick in _ticks(*xs, integer=True):
+        x = to_px(tick, ys[0])[0]
+        draw.line([(x, top), (x, bottom)], fill=(225, 225, 225))
+        draw.text((x, bottom + 6), f"{tick:g}", fill="black", font=font, anchor="mt")
+    draw.rectangle(_BOX, outline="black")
+    for key, pts in series.items():
+        px = [to_px(s, v) for s, v in pts]
+        if len(px) > 1:
+            draw.line(px, fill=_COLORS[key], width=2)
+        if key == C.METRIC_EVAL_LOSS or len(px) == 1:
+            for x, y in px:
+                draw.ellipse([(x - 3, y - 3), (x + 3, y + 3)], fill=_COLORS[key])
+    for i, key in enumerate(k for k, pts in series.items() if pts):
+        y = top + 12 + 16 * i
+        draw.line([(right - 90, y), (right - 70, y)], fill=_COLORS[key], width=3)
+        draw.text((right - 64, y), key, fill="black", font=font, anchor="lm")
+    draw.text(((left + right) / 2, 10), title[:80], fill="black", font=_font(14), anchor="mt")
+    draw.text(((left + right) / 2, _SIZE[1] - 6), "step", fill="black", font=font, anchor="mb")
+    draw.text((8, top - 12), "loss", fill="black", font=font, anchor="lm")
+    return img
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _span(values: list[float]) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.05 or max(abs(lo) * 0.05, 0.5)
+    return lo - pad, hi + pad
+
+
+def _ticks(lo: float, hi: float, *, integer: bool = False, target: int = 6) -> list[float]:
+    """About ``target`` round numbers (1, 2 or 5 times a power of ten) inside [lo, hi]."""
+    raw = (hi - lo) / target
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    if integer:
+        step = max(1.0, round(step))
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step) + 1)]

@@ -5,6 +5,14 @@ trainable-parameter counts, per-step metrics sent in asynchronous batches, sampl
 adapter, a model card and a loss curve. The run attaches to whatever run is already there (``mlflow run``
 sets ``MLFLOW_RUN_ID``; a resume brings the checkpoint's run id) and never rewrites a param it holds. A run
 that raises ends FAILED (KILLED on Ctrl-C) with the reason recorded. Only the main process logs.
+
+Example:
+    >>> tracker = make_tracker(cfg, data, base_info, device="cpu")  # doctest: +SKIP
+    >>> with tracker.run() as run_id:                                 # doctest: +SKIP
+    ...     trainer = build_trainer(callbacks=tracker.callbacks())
+    ...     tracker.log_model_stats(trainer.model)
+    ...     trainer.train()
+    ...     tracker.log_adapter(adapter_dir, metrics)
 """
 
 from __future__ import annotations
@@ -12,19 +20,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
 from smolora_mlflow import constants as C
 from smolora_mlflow.config import SmoloraConfig, redact
+from smolora_mlflow.run_record import git_commit
 
 logger = logging.getLogger(__name__)
 
+TAG_ERROR = "smolora.error"
+ARTIFACT_ERROR = "error.txt"
+_DEFAULT_EXPERIMENT = SmoloraConfig.__dataclass_fields__["experiment_name"].default
 _ENV_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+_BATCH = 100  # MLflow accepts at most 100 params and 100 tags in one log_batch
 
 
 def is_main_process() -> bool:
+    """Whether this process logs: rank 0 of a distributed launch (RANK, else LOCAL_RANK), or a lone process."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
 
 
@@ -36,7 +50,7 @@ def make_tracker(cfg: SmoloraConfig, data, base_info: dict, *, device: str):
 
 
 class NullTracker:
-    """Does nothing, with the tracker's interface."""
+    """Does nothing, with the tracker's interface; imports nothing from MLflow."""
 
     run_id = None
 
@@ -69,15 +83,20 @@ class RunTracker:
         self.base_info = base_info
         self.device = device
         self.run_id: str | None = None
+        self.run_name: str | None = None
         self.buffer = None
         self.client = None
+        self.last_eval_step: int | None = None
         self._tokenizer = None
         self._checkpoint_dir_noted = False
-        self.last_eval_step: int | None = None
+        self._loss_history: list[tuple[int, float]] = []
+        self._params: dict[str, str] = {}  # what the run holds, so no param is ever sent twice
+        self._param_prefix = "resolved."  # where a value that differs from the run's own goes
 
     # --- lifecycle ---
     @contextlib.contextmanager
     def run(self, resume_run_id: str | None = None) -> Iterator[str]:
+        """Start (or attach to) the run, yield its id, and end it FINISHED, FAILED or KILLED."""
         import mlflow
 
         from smolora_mlflow.tracking_callback import MetricBuffer
@@ -85,13 +104,18 @@ class RunTracker:
         if self.cfg.tracking_uri:
             mlflow.set_tracking_uri(self.cfg.tracking_uri)
         self.client = mlflow.MlflowClient()
-        run, owned = self._start_run(resume_run_id)
-        self.run_id = run.info.run_id
-        self.buffer = MetricBuffer(self.client, self.run_id, skip_through_step=self._last_logged_step())
+        run, owned, existed = self._start_run(resume_run_id)
+        self.run_id, self.run_name = run.info.run_id, run.info.run_name
         try:
+            last_step = self._last_logged_step() if existed else -1
+            if resume_run_id and last_step >= 0:
+                self._param_prefix = f"resumed_at_step_{last_step}."
+            self.buffer = MetricBuffer(self.client, self.run_id, skip_through_step=last_step)
+            if last_step >= 0:
+                self._seed_history()
             self._log_start(run)
             yield self.run_id
-            self.buffer.flush()
+            self.buffer.close()
         except BaseException as e:
             self._record_failure(e)
             if owned:
@@ -101,20 +125,49 @@ class RunTracker:
             mlflow.end_run("FINISHED")
 
     def _start_run(self, resume_run_id: str | None):
+        """(run, whether we end it, whether it existed before) for the run this training logs to."""
         import mlflow
 
         active = mlflow.active_run()
-        if resume_run_id:
-            if active and active.info.run_id == resume_run_id:
-                return active, False
-            return mlflow.start_run(run_id=resume_run_id, nested=active is not None), True
+        target = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
+        if target and active is not None and active.info.run_id == target:
+            return active, False, True
+        if target:  # the checkpoint's run, or the one `mlflow run` made: keep its name unless one was given
+            return mlflow.start_run(run_id=target, run_name=self.cfg.run_name, nested=active is not None), True, True
         if active is not None:  # e.g. the parent run of a workflow: the training is its child
-            return mlflow.start_run(run_name=self._run_name(), nested=True), True
-        if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-            mlflow.set_experiment(self.cfg.experiment_name)
-        return mlflow.start_run(run_name=self._run_name()), True
+            run = mlflow.start_run(run_name=self._default_run_name(), nested=True,
+                                   experiment_id=active.info.experiment_id)
+            return run, True, False
+        return mlflow.start_run(run_name=self._default_run_name(), experiment_id=self._experiment_id()), True, False
 
-    def _run_name(self) -> str:
+    def _experiment_id(self) -> str | None:
+        """The configured experiment, created if needed; None lets MLflow choose (env or set_experiment).
+
+        Not ``mlflow.set_experiment``: that changes the process's active experiment and exports
+        MLFLOW_EXPERIMENT_ID, so a second training with another ``experiment_name`` would land in the first.
+        """
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+        name = self.cfg.experiment_name
+        if name == _DEFAULT_EXPERIMENT and (os.environ.get("MLFLOW_EXPERIMENT_ID")
+                                            or os.environ.get("MLFLOW_EXPERIMENT_NAME")):
+            return None
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return self.client.create_experiment(name)
+            except MlflowException as e:  # created meanwhile by another process
+                if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                    raise
+                exp = self.client.get_experiment_by_name(name)
+        if exp.lifecycle_stage == "deleted":
+            raise MlflowException.invalid_parameter_value(
+                f"`experiment_name`={name!r} names a deleted MLflow experiment; restore it "
+                f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or choose another name.")
+        return exp.experiment_id
+
+    def _default_run_name(self) -> str:
         cfg = self.cfg
         if cfg.run_name:
             return cfg.run_name
@@ -123,62 +176,81 @@ class RunTracker:
 
     def _last_logged_step(self) -> int:
         history = self.client.get_metric_history(self.run_id, C.METRIC_LOSS)
+        self._loss_history = [(m.step, m.value) for m in history]
         return max((m.step for m in history), default=-1)
 
+    def _seed_history(self) -> None:
+        """A resumed run's loss curve starts at step 1, not at the resume point."""
+        self.buffer.history[C.METRIC_LOSS] = list(self._loss_history)
+        evals = self.client.get_metric_history(self.run_id, C.METRIC_EVAL_LOSS)
+        if evals:
+            self.buffer.history[C.METRIC_EVAL_LOSS] = [(m.step, m.value) for m in evals]
+
     def _record_failure(self, e: BaseException) -> None:
-        with contextlib.suppress(Exception):
-            self.buffer.flush()
+        """Keep what was logged, and say why the run stopped: a tag, the note, and the traceback."""
+        if self.buffer is not None:
+            with contextlib.suppress(Exception):
+                self.buffer.close()
         reason = "interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt) else (
             f"{type(e).__name__}: {e}")
         with contextlib.suppress(Exception):
-            self.client.set_tag(self.run_id, "smolora.error", reason[:5000])
             note = self.client.get_run(self.run_id).data.tags.get(C.TAG_NOTE, "")
-            self.client.set_tag(self.run_id, C.TAG_NOTE, f"{note}\n\n**Failed**: {reason[:2000]}".strip())
+            self._log_batch(tags={TAG_ERROR: reason[:5000],
+                                  C.TAG_NOTE: f"{note}\n\n**Failed**: {reason[:2000]}".strip()})
+            self.client.log_text(self.run_id, "".join(traceback.format_exception(e)), ARTIFACT_ERROR)
 
     # --- start of run ---
     def _log_start(self, run) -> None:
-        from smolora_mlflow.run_record import dataset_inputs, flat_params, lineage_tags
+        import mlflow
 
-        existing = run.data.params
+        from smolora_mlflow.run_record import config_yaml, dataset_inputs, flat_params, lineage_tags
+
+        self._params = dict(run.data.params)
         params, long_values = flat_params(self.cfg, self.data)
-        self._log_params(params, long_values, existing)
-        tags = {**lineage_tags(self.cfg, self.data, self.base_info, self.device), **self.cfg.run_tags}
-        if C.TAG_GIT_COMMIT in run.data.tags:
-            tags.pop(C.TAG_GIT_COMMIT, None)
+        fresh = self._fresh_params(params)
+        # `mlflow run` (and MLflow's own context) may have recorded the commit already: keep theirs.
+        have_commit = C.TAG_GIT_COMMIT in run.data.tags
+        tags = {**lineage_tags(self.cfg, self.data, self.base_info, self.device, with_git=not have_commit),
+                **redact(self.cfg.run_tags)}
         if C.TAG_NOTE not in run.data.tags:
             tags[C.TAG_NOTE] = self._description()
-        self._log_batch(tags=tags)
-        if not run.data.tags.get("smolora.started"):
-            import mlflow
+        self._log_batch(params=fresh, tags=tags)
+        for key in fresh:
+            base = key.removeprefix(self._param_prefix)
+            if base in long_values:
+                self.client.log_text(self.run_id, long_values[base], f"params/{key}.txt")
+        # Inputs are deduplicated by MLflow, so a resume on the same data adds nothing and new data shows.
+        inputs = dataset_inputs(self.data)
+        mlflow.log_inputs(datasets=[ds for ds, _ in inputs], contexts=[ctx for _, ctx in inputs],
+                          tags_list=[None] * len(inputs))  # our run is the active one
+        # The config this session trained with; a resume replaces it (what changed is in the params).
+        self.client.log_text(self.run_id, config_yaml(self.cfg), C.ARTIFACT_CONFIG)
 
-            for ds, context in dataset_inputs(self.data):
-                mlflow.log_input(ds, context=context)
-            self.client.log_text(self.run_id, self.cfg.to_yaml(), C.ARTIFACT_CONFIG)
-            self._log_batch(tags={"smolora.started": "true"})
-
-    def _log_params(self, params: dict[str, str], long_values: dict[str, str], existing: dict[str, str]):
+    def _fresh_params(self, params: dict[str, str]) -> dict[str, str]:
+        """Params the run lacks. A key it holds with another value (an ``mlflow run -P`` spelling, or a
+        setting changed on resume) keeps the run's value; ours goes under a prefixed key, because MLflow
+        rejects a changed param and would drop the whole batch with it."""
         fresh = {}
         for key, value in params.items():
-            if key not in existing:
+            have = self._params.get(key)
+            if have is None:
                 fresh[key] = value
-            elif not _same_param(existing[key], value):
-                # `mlflow run -P` logged this key already with the user's spelling; keep theirs and
-                # record ours beside it instead of failing the whole batch.
-                logger.info("param %s already %r on the run; resolved value %r logged as resolved.%s",
-                            key, existing[key], value, key)
-                if f"resolved.{key}" not in existing:
-                    fresh[f"resolved.{key}"] = value
-        self._log_batch(params=fresh)
-        for key, value in long_values.items():
-            self.client.log_text(self.run_id, value, f"params/{key}.txt")
+            elif not _same_param(have, value):
+                alt = f"{self._param_prefix}{key}"
+                logger.info("param %s is already %r on run %s; %r logged as %s.", key, have, self.run_id,
+                            value, alt)
+                if alt not in self._params:
+                    fresh[alt] = value
+        self._params.update(fresh)
+        return fresh
 
     def _log_batch(self, params: dict | None = None, tags: dict | None = None) -> None:
         from mlflow.entities import Param, RunTag
 
         p = [Param(k, str(v)) for k, v in (params or {}).items()]
         t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        for i in range(0, max(len(p), len(t)), 100):
-            self.client.log_batch(self.run_id, params=p[i : i + 100], tags=t[i : i + 100])
+        for i in range(0, max(len(p), len(t)), _BATCH):
+            self.client.log_batch(self.run_id, params=p[i : i + _BATCH], tags=t[i : i + _BATCH])
 
     def _description(self) -> str:
         cfg, data = self.cfg, self.data
@@ -200,11 +272,11 @@ class RunTracker:
         self._tokenizer = trainer.processing_class
 
     def log_model_stats(self, model) -> None:
+        """Trainable and total parameter counts (PEFT's own count) as params and as metrics at step 0."""
         trainable, total = model.get_nb_trainable_parameters()
         stats = {C.METRIC_TRAINABLE_PARAMS: trainable, C.METRIC_TOTAL_PARAMS: total,
                  C.METRIC_TRAINABLE_PERCENT: round(100.0 * trainable / total, 4)}
-        existing = self.client.get_run(self.run_id).data.params
-        self._log_params({k: str(v) for k, v in stats.items()}, {}, existing)
+        self._log_batch(params=self._fresh_params({k: str(v) for k, v in stats.items()}))
         self.buffer.add(stats, 0)
 
     def note_checkpoint_dir(self, output_dir: str) -> None:
@@ -214,6 +286,7 @@ class RunTracker:
 
     def log_generations(self, model, tokenizer, step: int) -> None:
         """Generate on the fixed sample prompts and append the rows (with `step`) to the run's table."""
+        import mlflow
         import pandas as pd
 
         from smolora_mlflow.generation import generate
@@ -226,12 +299,12 @@ class RunTracker:
         was_training = model.training
         model.eval()
         try:
-            outputs = generate(model, tokenizer, prompts, max_new_tokens=self.cfg.sample_max_new_tokens)
+            # One generate call for a typical prompt set, not one per 8 prompts.
+            outputs = generate(model, tokenizer, prompts, batch_size=min(len(prompts), 32),
+                               max_new_tokens=self.cfg.sample_max_new_tokens)
         finally:
             model.train(was_training)
         table = pd.DataFrame({"step": [step] * len(prompts), "prompt": prompts, "generated_text": outputs})
-        import mlflow
-
         mlflow.log_table(table, artifact_file=C.ARTIFACT_GENERATIONS, run_id=self.run_id)
 
     def log_final_eval(self, metrics: dict[str, float], step: int, model, tokenizer) -> None:
@@ -243,21 +316,25 @@ class RunTracker:
 
     # --- end of run ---
     def log_adapter(self, adapter_dir: Path, metrics: dict[str, float]) -> None:
+        """The saved adapter, its size, the model card and the loss curve; flushes the metrics first."""
         from smolora_mlflow.run_record import loss_curve_png, model_card
 
-        self.buffer.flush()
         size = sum(f.stat().st_size for f in Path(adapter_dir).glob("adapter_model*.safetensors"))
+        last_step = max((s for points in self.buffer.history.values() for s, _ in points), default=0)
+        self.buffer.add({C.METRIC_ADAPTER_SIZE: size}, last_step)
+        self.buffer.send()  # the background metric writes overlap with the uploads below
         self.client.log_artifacts(self.run_id, str(adapter_dir), C.ARTIFACT_ADAPTER)
-        self.client.log_metric(self.run_id, C.METRIC_ADAPTER_SIZE, size)
-        self.client.set_tag(self.run_id, C.TAG_ADAPTER_SIZE, str(size))
         card = model_card(self.cfg, self.data, self.base_info, metrics, self.run_id, size)
         self.client.log_text(self.run_id, card, C.ARTIFACT_MODEL_CARD)
-        png = loss_curve_png(self.buffer.history, title=self._run_name())
+        png = loss_curve_png(self.buffer.history, title=self.run_name or self._default_run_name())
         if png is not None:
             self.client.log_image(self.run_id, png, C.ARTIFACT_LOSS_CURVE)
+        self._log_batch(tags={C.TAG_ADAPTER_SIZE: size})
+        self.buffer.flush()
 
 
 def _same_param(a: str, b: str) -> bool:
+    """Whether two param texts mean the same value (``2e-4`` and ``0.0002``, ``true`` and ``True``)."""
     if a == b:
         return True
     try:
@@ -266,24 +343,15 @@ def _same_param(a: str, b: str) -> bool:
         return a.strip().lower() == b.strip().lower()
 
 
-def git_commit(path: str | os.PathLike = ".") -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def checkpoint_dir_of_run(run_id: str) -> str | None:
+def checkpoint_dir_of_run(run_id: str, tracking_uri: str | None = None) -> str | None:
     """The folder a run wrote its checkpoints to, as recorded in its tags."""
     import mlflow
 
-    return mlflow.MlflowClient().get_run(run_id).data.tags.get(C.TAG_CHECKPOINT_DIR)
+    return mlflow.MlflowClient(tracking_uri).get_run(run_id).data.tags.get(C.TAG_CHECKPOINT_DIR)
 
 
 def secret_env_present() -> list[str]:
     return [name for name in _ENV_SECRETS if os.environ.get(name)]
 
 
-__all__ = ["NullTracker", "RunTracker", "checkpoint_dir_of_run", "make_tracker", "redact"]
+__all__ = ["NullTracker", "RunTracker", "checkpoint_dir_of_run", "git_commit", "make_tracker", "redact"]

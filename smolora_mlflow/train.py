@@ -173,7 +173,8 @@ class SmoLoRA:
         modelio.silence_progress_bars_if_asked()
         data = self.prepare()
         resume = checkpoints.resolve_resume(
-            cfg.resume_from_checkpoint, self.output_dir, checkpoint_dir_of_run=_checkpoint_dir_of_run
+            cfg.resume_from_checkpoint, self.output_dir,
+            checkpoint_dir_of_run=lambda run_id: _checkpoint_dir_of_run(run_id, cfg.tracking_uri),
         )
         model, tokenizer = self._load_base()
         tracker = make_tracker(cfg, data, self.base_info, device=self.device.type)
@@ -345,7 +346,7 @@ class QuietProgress(ProgressCallback):
         return None
 
 
-def _checkpoint_dir_of_run(run_id: str) -> str | None:
+def _checkpoint_dir_of_run(run_id: str, tracking_uri: str | None) -> str | None:
     from smolora_mlflow.tracking import checkpoint_dir_of_run
 
-    return checkpoint_dir_of_run(run_id)
+    return checkpoint_dir_of_run(run_id, tracking_uri=tracking_uri)

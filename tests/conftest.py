@@ -63,6 +63,9 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.tracking.fluent._active_experiment_id = None  # no experiment chosen by an earlier test
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     monkeypatch.chdir(tmp_path)
