@@ -333,3 +333,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
 
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from smolora_mlflow.tracking_outbox import sync
+
+    run_id, sent = sync(args.output_dir, tracking_uri=args.tracking_uri)
+    _print_summary(f"{PROG} sync: done", [_run_row("run", run_id), ("writes sent", sent)])
+    return 0

@@ -295,7 +295,8 @@ def _add_serving_commands(subs) -> None:
              "A thin wrapper: runs\n"
              "  mlflow models serve -m models:/<name>@<alias> --env-manager local -h HOST -p PORT\n"
              "(or models:/<name>/<stage|version>, or MODEL as given when it is a URI or a path).\n"
-             "POST {\"inputs\": [\"The food was\"], \"params\": {\"max_new_tokens\": 16}} to /invocations.")
+             "POST {\"inputs\": {\"prompt\": [\"The food was\"]}, \"params\": {\"max_new_tokens\": 16}}\n"
+             "to /invocations.")
     p.add_argument("model", metavar="NAME_OR_URI", help="Registered model name, or a model URI/path.")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--alias", help="Alias to serve (default: production).")
@@ -307,6 +308,13 @@ def _add_serving_commands(subs) -> None:
     p.add_argument("--env_manager", default="local", choices=("local", "virtualenv", "uv", "conda"),
                    help="Environment for the server (default: local, this Python).")
     _flag(p, "dry_run", "Print the mlflow command instead of running it.")
+    _tracking_option(p)
+
+    p = _sub(subs, "sync", "Upload what a training could not log while the tracking server was unreachable.",
+             "A training whose tracking server stayed unreachable past SMOLORA_TRACKING_RETRY_SECONDS keeps\n"
+             "the unsent writes (metrics, tags, artifacts, final status) in OUTPUT_DIR/mlflow_outbox.json.\n"
+             "This sends them, in order, to the same run, and ends the run FINISHED.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="The training's output_dir.")
     _tracking_option(p)
 
 

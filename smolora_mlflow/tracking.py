@@ -115,14 +115,48 @@ class RunTracker:
                 self._seed_history()
             self._log_start(run)
             yield self.run_id
-            self.buffer.close()
         except BaseException as e:
             self._record_failure(e)
             if owned:
                 mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
+        self._finish(owned)
+
+    def _finish(self, owned: bool) -> None:
+        """Deliver the queued writes (bounded wait) and end the run; keep what MLflow did not take.
+
+        Training has succeeded by now and its outputs are on disk, so an unreachable tracking server
+        does not fail it: the unsent writes (and the final status) go to ``<output_dir>/mlflow_outbox.json``
+        and ``smolora sync <output_dir>`` delivers them later.
+        """
+        import mlflow
+
+        from smolora_mlflow.tracking_outbox import Op
+
+        unsent = self.buffer.close()
+        if not unsent:
+            if owned:
+                try:
+                    mlflow.end_run("FINISHED")
+                except Exception as e:
+                    self._keep_unsent([Op("terminate", {"status": "FINISHED"})], e)
+            return
         if owned:
-            mlflow.end_run("FINISHED")
+            unsent.append(Op("terminate", {"status": "FINISHED"}))
+            _forget_active_run()  # ending it would be one more call to the unreachable server
+        self._keep_unsent(unsent, None)
+
+    def _keep_unsent(self, ops, error) -> None:
+        import mlflow
+
+        from smolora_mlflow.tracking_outbox import save_unsent
+
+        path = save_unsent(self.cfg.output_dir, mlflow.get_tracking_uri(), self.run_id, ops)
+        logger.warning(
+            "MLflow at %s did not take %d write(s) for run %s%s; training finished and its outputs are in %s. "
+            "They are saved in %s: when the server is back, run `smolora sync %s`.",
+            mlflow.get_tracking_uri(), len(ops), self.run_id, f" ({error})" if error else "",
+            self.cfg.output_dir, path, self.cfg.output_dir)
 
     def _start_run(self, resume_run_id: str | None):
         """(run, whether we end it, whether it existed before) for the run this training logs to."""
@@ -281,12 +315,11 @@ class RunTracker:
 
     def note_checkpoint_dir(self, output_dir: str) -> None:
         if not self._checkpoint_dir_noted:
-            self.client.set_tag(self.run_id, C.TAG_CHECKPOINT_DIR, str(Path(output_dir).resolve()))
+            self._put("tags", tags={C.TAG_CHECKPOINT_DIR: str(Path(output_dir).resolve())})
             self._checkpoint_dir_noted = True
 
     def log_generations(self, model, tokenizer, step: int) -> None:
         """Generate on the fixed sample prompts and append the rows (with `step`) to the run's table."""
-        import mlflow
         import pandas as pd
 
         from smolora_mlflow.generation import generate
@@ -305,7 +338,7 @@ class RunTracker:
         finally:
             model.train(was_training)
         table = pd.DataFrame({"step": [step] * len(prompts), "prompt": prompts, "generated_text": outputs})
-        mlflow.log_table(table, artifact_file=C.ARTIFACT_GENERATIONS, run_id=self.run_id)
+        self._put("table", rows=table.to_dict("records"), artifact_file=C.ARTIFACT_GENERATIONS)
 
     def log_final_eval(self, metrics: dict[str, float], step: int, model, tokenizer) -> None:
         if step == self.last_eval_step:  # the periodic evaluation already covered the last step
@@ -322,15 +355,35 @@ class RunTracker:
         size = sum(f.stat().st_size for f in Path(adapter_dir).glob("adapter_model*.safetensors"))
         last_step = max((s for points in self.buffer.history.values() for s, _ in points), default=0)
         self.buffer.add({C.METRIC_ADAPTER_SIZE: size}, last_step)
-        self.buffer.send()  # the background metric writes overlap with the uploads below
-        self.client.log_artifacts(self.run_id, str(adapter_dir), C.ARTIFACT_ADAPTER)
+        self.buffer.send()
+        self._put("artifacts", local_dir=str(Path(adapter_dir).resolve()), artifact_path=C.ARTIFACT_ADAPTER)
         card = model_card(self.cfg, self.data, self.base_info, metrics, self.run_id, size)
-        self.client.log_text(self.run_id, card, C.ARTIFACT_MODEL_CARD)
+        self._put("text", text=card, artifact_file=C.ARTIFACT_MODEL_CARD)
         png = loss_curve_png(self.buffer.history, title=self.run_name or self._default_run_name())
-        if png is not None:
-            self.client.log_image(self.run_id, png, C.ARTIFACT_LOSS_CURVE)
-        self._log_batch(tags={C.TAG_ADAPTER_SIZE: size})
-        self.buffer.flush()
+        if png is not None:  # kept beside the outputs too, so an outage loses nothing
+            local = Path(self.cfg.output_dir).resolve() / Path(C.ARTIFACT_LOSS_CURVE).name
+            png.save(local)
+            self._put("artifact", local_path=str(local), artifact_path=str(Path(C.ARTIFACT_LOSS_CURVE).parent))
+        self._put("tags", tags={C.TAG_ADAPTER_SIZE: str(size)})
+
+    def _put(self, kind: str, **payload) -> None:
+        """Queue one write on the run's outbox (in order with the metrics; retried through outages)."""
+        from smolora_mlflow.tracking_outbox import Op
+
+        self.buffer.send()  # metrics logged before this write go before it
+        self.buffer.outbox.put(Op(kind, payload))
+
+
+def _forget_active_run() -> None:
+    """Pop the fluent active run without telling the server (which is unreachable)."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    try:
+        fluent._active_run_stack.get().pop()
+    except (AttributeError, IndexError):  # another MLflow layout: fall back to the public call
+        with contextlib.suppress(Exception):
+            mlflow.end_run()
 
 
 def _same_param(a: str, b: str) -> bool:

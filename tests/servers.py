@@ -203,7 +203,7 @@ _CLIENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "M
 
 def start_mlflow_server(backend_uri: str, artifacts_dir: str | os.PathLike, log_path: str | os.PathLike, *,
                         app_name: str | None = None, env: dict[str, str] | None = None,
-                        timeout: float = 180) -> MlflowServer:
+                        timeout: float = 180, port: int | None = None) -> MlflowServer:
     """Start ``mlflow server`` with proxied artifacts (``mlflow-artifacts:``) and wait for ``/health``.
 
     Args:
@@ -214,7 +214,7 @@ def start_mlflow_server(backend_uri: str, artifacts_dir: str | os.PathLike, log_
         env: extra environment for the server (e.g. ``MLFLOW_AUTH_CONFIG_PATH``).
         timeout: seconds to wait for the server (database migrations run at first start).
     """
-    port = _free_port()
+    port = port or _free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
            "--serve-artifacts", "--artifacts-destination", str(artifacts_dir),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
