@@ -37,6 +37,7 @@ _FINAL_KEYS = {"train_loss": C.METRIC_TRAIN_LOSS, "train_runtime": "train_runtim
                "train_steps_per_second": "train_steps_per_second"}
 _EVAL_SKIP = {"eval_runtime"}
 _MAX_BATCH = 1000  # MLflow caps one log_batch at 1000 metrics
+CHECKPOINT_SYNC_SECONDS = 30.0
 
 
 class MetricBuffer:
@@ -103,6 +104,11 @@ class MetricBuffer:
             logger.warning("%d MLflow write(s) (%d metric points) for run %s were not accepted in time.",
                            len(unsent), lost, self.run_id)
         return unsent
+
+    def sync(self, timeout: float) -> bool:
+        """Send what is buffered and wait up to ``timeout`` for it to be delivered (nothing is dropped)."""
+        self.send()
+        return self.outbox.wait(timeout)
 
     def close(self, timeout: float | None = None) -> list[Op]:
         """Flush, then stop the background thread; returns the unsent writes."""
@@ -184,6 +190,11 @@ class MlflowTrainingCallback(TrainerCallback):
         self._paused = True
         if state.is_world_process_zero:
             self.tracker.note_checkpoint_dir(args.output_dir)
+            # Deliver every step up to this checkpoint before it is marked complete: a process killed
+            # later resumes here, and its run must already hold these steps (bounded during an outage).
+            if not self.buffer.sync(timeout=CHECKPOINT_SYNC_SECONDS):
+                logger.warning("MLflow has not yet taken the metrics up to checkpoint %d; still retrying.",
+                               state.global_step)
 
 
 def _memory_metrics() -> dict[str, float]:

@@ -125,6 +125,14 @@ class Outbox:
                 self._busy = False
                 self._cond.notify_all()
 
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the queue to empty; keeps retrying afterwards either way."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue and time.monotonic() < deadline:
+                self._cond.wait(timeout=min(0.5, max(deadline - time.monotonic(), 0.01)))
+            return not self._queue
+
     def drain(self, timeout: float) -> list[Op]:
         """Wait up to ``timeout`` seconds for every queued op to be applied; return (and stop on) the rest."""
         deadline = time.monotonic() + timeout

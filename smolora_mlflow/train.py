@@ -197,7 +197,8 @@ class SmoLoRA:
     def _build_trainer(self, model, tokenizer, data: PreparedData, tracker):
         sft_args = get_sft_config(self.config, device=self.device.type, dtype=self.dtype,
                                   has_eval=data.eval is not None, output_dir=str(self.output_dir))
-        callbacks = [checkpoints.CheckpointMarkerCallback(lambda: tracker.run_id), *tracker.callbacks()]
+        # The tracker's on_save delivers the metrics up to a checkpoint before the marker makes it resumable.
+        callbacks = [*tracker.callbacks(), checkpoints.CheckpointMarkerCallback(lambda: tracker.run_id)]
         with modelio.quiet_upstream_deprecations():
             trainer = self._make_sft_trainer(model, sft_args, data, tokenizer, callbacks)
         _drop_stock_mlflow_callback(trainer)
