@@ -338,3 +338,44 @@ def model_card(conf: Mapping[str, Any], name: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def locate_base(conf: dict[str, Any], base_model_path: str | None) -> Path:
+    """The local folder of an adapter's base model: an override, the recorded path, or the hub cache."""
+    base = conf.get("base_model")
+    local = Path(base_model_path).expanduser() if base_model_path else local_base_dir(base)
+    if local is not None and local.is_dir():
+        return local
+    if base and not Path(base).is_absolute() and not base_model_path:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(base, revision=conf.get("base_model_revision")))
+        except Exception as e:
+            raise MlflowException(
+                f"Cannot fetch base model `{base}` (revision {conf.get('base_model_revision')}) for this "
+                f"adapter: {e}. Make it available in the Hugging Face cache, or pass "
+                "`base_model_path=` (pyfunc: model_config={'base_model_path': ...}).",
+                error_code=INVALID_STATE,
+            ) from e
+    raise MlflowException(
+        f"Base model folder `{base_model_path or base}` of this adapter does not exist. Copy the base "
+        "model there, or pass `base_model_path=` (pyfunc: model_config={'base_model_path': ...}).",
+        error_code=INVALID_STATE,
+    )
+
+
+def check_base_hash(base_dir: Path, conf: dict[str, Any]) -> None:
+    expected = conf.get("base_model_sha256")
+    if not expected:
+        logger.warning("No base weights hash recorded for this adapter; %s is not verified.", base_dir)
+        return
+    actual = weights_sha256(base_dir)
+    if actual != expected:
+        raise MlflowException(
+            f"The base model weights at `{base_dir}` have sha256 {actual}, but this adapter was trained "
+            f"on `{conf.get('base_model')}` with weights sha256 {expected}. An adapter on other base "
+            "weights gives wrong outputs. Fix: point `base_model_path` to the exact base model the "
+            "adapter was trained on (same revision), or log the model in merged mode.",
+            error_code=INVALID_STATE,
+        )

@@ -39,7 +39,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
 from mlflow.models.utils import _save_example
-from mlflow.protos.databricks_pb2 import INVALID_STATE
 from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.utils.environment import (
@@ -259,47 +258,6 @@ def _torch_dtype(dtype: Any, device) -> Any:
     return names[dtype]
 
 
-def _locate_base(conf: dict[str, Any], base_model_path: str | None) -> Path:
-    """The local folder of an adapter's base model: an override, the recorded path, or the hub cache."""
-    base = conf.get("base_model")
-    local = Path(base_model_path).expanduser() if base_model_path else files.local_base_dir(base)
-    if local is not None and local.is_dir():
-        return local
-    if base and not Path(base).is_absolute() and not base_model_path:
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(base, revision=conf.get("base_model_revision")))
-        except Exception as e:
-            raise MlflowException(
-                f"Cannot fetch base model `{base}` (revision {conf.get('base_model_revision')}) for this "
-                f"adapter: {e}. Make it available in the Hugging Face cache, or pass "
-                "`base_model_path=` (pyfunc: model_config={'base_model_path': ...}).",
-                error_code=INVALID_STATE,
-            ) from e
-    raise MlflowException(
-        f"Base model folder `{base_model_path or base}` of this adapter does not exist. Copy the base "
-        "model there, or pass `base_model_path=` (pyfunc: model_config={'base_model_path': ...}).",
-        error_code=INVALID_STATE,
-    )
-
-
-def _check_base_hash(base_dir: Path, conf: dict[str, Any]) -> None:
-    expected = conf.get("base_model_sha256")
-    if not expected:
-        _logger.warning("No base weights hash recorded for this adapter; %s is not verified.", base_dir)
-        return
-    actual = weights_sha256(base_dir)
-    if actual != expected:
-        raise MlflowException(
-            f"The base model weights at `{base_dir}` have sha256 {actual}, but this adapter was trained "
-            f"on `{conf.get('base_model')}` with weights sha256 {expected}. An adapter on other base "
-            "weights gives wrong outputs. Fix: point `base_model_path` to the exact base model the "
-            "adapter was trained on (same revision), or log the model in merged mode.",
-            error_code=INVALID_STATE,
-        )
-
-
 def _load_model(
     model_root: Path, conf: dict[str, Any], *, device: str = "auto", dtype: Any = None, merge: bool = True,
     base_model_path: str | None = None,
@@ -325,8 +283,8 @@ def _load_model(
         files.verify_files(data_dir, conf.get("file_sha256") or {})
         from peft import PeftModel
 
-        base_dir = _locate_base(conf, base_model_path)
-        _check_base_hash(base_dir, conf)
+        base_dir = files.locate_base(conf, base_model_path)
+        files.check_base_hash(base_dir, conf)
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
         with quiet_upstream_deprecations():  # peft reads an attribute transformers 5 deprecated
             model = PeftModel.from_pretrained(base, str(data_dir), is_trainable=False)
