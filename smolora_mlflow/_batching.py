@@ -57,7 +57,8 @@ class RequestBatcher:
         ['A', 'B']
     """
 
-    def __init__(self, run_batch: RunBatch, *, window_s: float = 0.01, max_batch_size: int = 32):
+    def __init__(self, run_batch: RunBatch, *, window_s: float = 0.01, max_batch_size: int = 32,
+                 busy_window_s: float = 0.01, busy_memory_s: float = 2.0):
         if window_s < 0:
             raise ValueError(f"`window_s` must be >= 0, got {window_s}.")
         if max_batch_size < 1:
@@ -65,6 +66,11 @@ class RequestBatcher:
         self._run_batch = run_batch
         self.window_s = window_s
         self.max_batch_size = max_batch_size
+        # Adaptive wait: an idle server answers a lone request at once; once requests have been arriving
+        # together (within `busy_memory_s`), a new group's leader waits `busy_window_s` for company.
+        self.busy_window_s = busy_window_s
+        self.busy_memory_s = busy_memory_s
+        self._last_coalesced = float("-inf")
         self.lock = threading.Lock()  # serialises generation (also used by streaming)
         self._state_lock = threading.Lock()  # guards the open groups and the counters
         self._open: dict[Hashable, _Group] = {}
@@ -91,6 +97,8 @@ class RequestBatcher:
             start = len(group.prompts)
             group.prompts.extend(prompts)
             group.requests += 1
+            if not leader:
+                self._last_coalesced = time.monotonic()
             return group, start, leader
 
     def _close(self, group: _Group) -> None:
@@ -105,8 +113,10 @@ class RequestBatcher:
                 self.stats.coalesced_requests += group.requests
 
     def _lead(self, group: _Group) -> None:
-        if self.window_s:
-            time.sleep(self.window_s)
+        busy = time.monotonic() - self._last_coalesced < self.busy_memory_s
+        wait = max(self.window_s, self.busy_window_s if busy else 0.0)
+        if wait:
+            time.sleep(wait)
         try:
             with self.lock:
                 self._close(group)
