@@ -14,6 +14,18 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import pytest
 
+# The smallest training that still exercises every part: for end-to-end tests whose subject is elsewhere.
+TINY_TRAINING = {
+    "max_steps": 4,
+    "max_length": 32,
+    "max_samples": 32,
+    "per_device_train_batch_size": 4,
+    "lora_dropout": 0.0,
+    "learning_rate": 0.005,
+    "sample_prompts": ["The food was"],
+    "sample_max_new_tokens": 4,
+}
+
 
 @pytest.fixture(scope="session")
 def smolora_cache(tmp_path_factory) -> Path:

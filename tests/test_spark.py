@@ -12,6 +12,7 @@ import sys
 import mlflow
 import pandas as pd
 import pytest
+from conftest import TINY_TRAINING
 
 from smolora_mlflow import SmoLoRA, SmoloraConfig
 
@@ -23,16 +24,7 @@ pytestmark = [
 
 pyspark = pytest.importorskip("pyspark", reason="pyspark is in the dev extra: pip install -e '.[dev]'")
 
-TINY = {
-    "max_steps": 4,
-    "max_length": 32,
-    "max_samples": 32,
-    "per_device_train_batch_size": 4,
-    "lora_dropout": 0.0,
-    "learning_rate": 0.005,
-    "sample_prompts": ["The food was"],
-    "sample_max_new_tokens": 4,
-}
+
 PROMPTS = ["The food was", "Our waiter", "I would come back because", "Great", "The dessert", "Service was"]
 PARAMS = {"max_new_tokens": 8}
 NAME = "spark-reviews"
@@ -80,7 +72,7 @@ def registered(tmp_path_factory, smolora_cache):
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         try:
-            lora = SmoLoRA(config=SmoloraConfig(**TINY, output_dir=str(root / "out"), experiment_name="spark"))
+            lora = SmoLoRA(config=SmoloraConfig(**TINY_TRAINING, output_dir=str(root / "out"), experiment_name="spark"))
             lora.train()
             info = workflow.log_trained_model(lora, registered_model_name=NAME,
                                               pip_requirements=["torch", "transformers", "safetensors"])

@@ -18,6 +18,7 @@ import mlflow
 import pandas as pd
 import pytest
 import requests
+from conftest import TINY_TRAINING
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from servers import MlflowServer, pg_bindir, start_mlflow_server, start_postgres
@@ -27,16 +28,7 @@ from smolora_mlflow import constants as C
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "max_steps": 4,
-    "max_length": 32,
-    "max_samples": 32,
-    "per_device_train_batch_size": 4,
-    "lora_dropout": 0.0,
-    "learning_rate": 0.005,
-    "sample_prompts": ["The food was"],
-    "sample_max_new_tokens": 4,
-}
+
 PROMPTS = ["The food was", "Our waiter", "I would come back because"]
 PIP = ["torch", "transformers", "safetensors"]  # explicit: requirement inference is tested elsewhere
 
@@ -180,7 +172,8 @@ def test_team_server_tracks_registers_and_serves_a_model(as_alice, tmp_path):
     from smolora_mlflow import registry, workflow
 
     server = as_alice
-    cfg = SmoloraConfig(**TINY, tracking_uri=server.url, experiment_name="team", output_dir=str(tmp_path / "out"),
+    cfg = SmoloraConfig(**TINY_TRAINING, tracking_uri=server.url, experiment_name="team",
+                        output_dir=str(tmp_path / "out"),
                         run_tags={"team": "nlp"})
     lora = SmoLoRA(config=cfg)
     result = lora.train()
