@@ -48,10 +48,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def is_demo_model(name: str | os.PathLike | None) -> bool:
-    return str(name) == DEMO_MODEL
-
-
 def is_demo_dataset(name: object) -> bool:
     return isinstance(name, str) and name == DEMO_DATASET
 

@@ -91,6 +91,12 @@ def eval_split(cfg: SmoloraConfig, dataset: Any = None) -> EvalSplit:
 # loss and perplexity
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged run logs a large finite number instead of inf."""
+    return math.exp(min(float(loss), 50.0))
+
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -158,7 +164,7 @@ def eval_loss(model, tokenizer, rows: list[dict[str, Any]], fmt: str, *, max_len
         raise ValueError(f"none of the {len(rows)} rows has a token to score within max_length={max_length}; "
                          "raise `max_length` or check the completions.")
     loss = total / count
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": float(count),
+    return {"eval_loss": loss, "eval_perplexity": perplexity(loss), "eval_tokens": float(count),
             "eval_rows": float(len(rows))}
 
 

@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 TAG_ERROR = "smolora.error"
 ARTIFACT_ERROR = "error.txt"
 _DEFAULT_EXPERIMENT = SmoloraConfig.__dataclass_fields__["experiment_name"].default
-_ENV_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 _BATCH = 100  # MLflow accepts at most 100 params and 100 tags in one log_batch
 
 
@@ -402,9 +401,6 @@ def checkpoint_dir_of_run(run_id: str, tracking_uri: str | None = None) -> str |
 
     return mlflow.MlflowClient(tracking_uri).get_run(run_id).data.tags.get(C.TAG_CHECKPOINT_DIR)
 
-
-def secret_env_present() -> list[str]:
-    return [name for name in _ENV_SECRETS if os.environ.get(name)]
 
 
 __all__ = ["NullTracker", "RunTracker", "checkpoint_dir_of_run", "git_commit", "make_tracker", "redact"]

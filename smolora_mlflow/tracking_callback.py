@@ -15,6 +15,7 @@ import time
 from transformers import TrainerCallback
 
 from smolora_mlflow import constants as C
+from smolora_mlflow.evaluation import perplexity
 from smolora_mlflow.tracking_outbox import Op, Outbox, retry_seconds
 
 try:
@@ -162,7 +163,7 @@ class MlflowTrainingCallback(TrainerCallback):
             metrics.update(_memory_metrics())
         if "eval_loss" in logs:
             metrics.update((k, v) for k, v in logs.items() if k.startswith("eval_") and k not in _EVAL_SKIP)
-            metrics[C.METRIC_EVAL_PERPLEXITY] = math.exp(min(float(logs["eval_loss"]), 50.0))
+            metrics[C.METRIC_EVAL_PERPLEXITY] = perplexity(logs["eval_loss"])
         if "train_loss" in logs:
             metrics.update((name, logs[key]) for key, name in _FINAL_KEYS.items() if key in logs)
         if metrics:

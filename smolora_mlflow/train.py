@@ -311,11 +311,11 @@ class SmoLoRA:
 
 
 def _with_perplexity(metrics: dict[str, float]) -> dict[str, float]:
-    import math
+    from smolora_mlflow.evaluation import perplexity
 
     out = dict(metrics)
     if "eval_loss" in out:
-        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+        out["eval_perplexity"] = perplexity(out["eval_loss"])
     return out
 
 
