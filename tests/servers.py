@@ -177,6 +177,23 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def wait(self, health: str = "/health", timeout: float = 180) -> str:
+        """Wait until ``health`` answers 200 (stopping the server if it never does); returns the URL."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.proc.args[2:5]} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                with contextlib.suppress(requests.RequestException):
+                    if requests.get(f"{self.url}{health}", timeout=5).status_code == 200:
+                        return self.url
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.proc.args[2:5]} not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+                time.sleep(0.5)
+        except BaseException:
+            self.stop()
+            raise
+
     def log_tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
@@ -206,6 +223,9 @@ def start_mlflow_server(backend_uri: str, artifacts_dir: str | os.PathLike, log_
                         timeout: float = 180, port: int | None = None) -> MlflowServer:
     """Start ``mlflow server`` with proxied artifacts (``mlflow-artifacts:``) and wait for ``/health``.
 
+    ``launch_mlflow_server`` takes the same arguments (less ``timeout``) and returns before the server is
+    up, for a caller that has other work to do meanwhile (then ``server.wait()``).
+
     Args:
         backend_uri: the SQLAlchemy URI of the tracking (and registry) store.
         artifacts_dir: where the server stores the artifacts it proxies.
@@ -214,13 +234,22 @@ def start_mlflow_server(backend_uri: str, artifacts_dir: str | os.PathLike, log_
         env: extra environment for the server (e.g. ``MLFLOW_AUTH_CONFIG_PATH``).
         timeout: seconds to wait for the server (database migrations run at first start).
     """
+    server = launch_mlflow_server(backend_uri, artifacts_dir, log_path, app_name=app_name, env=env, port=port)
+    server.wait("/health", timeout)
+    return server
+
+
+def launch_mlflow_server(backend_uri: str, artifacts_dir: str | os.PathLike, log_path: str | os.PathLike, *,
+                         app_name: str | None = None, env: dict[str, str] | None = None,
+                         port: int | None = None) -> MlflowServer:
+    """Start ``mlflow server`` without waiting for it (see :func:`start_mlflow_server`)."""
     port = port or _free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
            "--serve-artifacts", "--artifacts-destination", str(artifacts_dir),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if app_name:
         cmd += ["--app-name", app_name]
-    return _start(cmd, port, "/health", log_path, env=env, timeout=timeout)
+    return _launch(cmd, port, log_path, env=env)
 
 
 def start_model_server(model_uri: str | os.PathLike, log_path: str | os.PathLike, *, cwd=None,
@@ -229,29 +258,16 @@ def start_model_server(model_uri: str | os.PathLike, log_path: str | os.PathLike
     port = _free_port()
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_uri), "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port)]
-    return _start(cmd, port, "/ping", log_path, env=env, timeout=timeout, cwd=cwd)
+    server = _launch(cmd, port, log_path, env=env, cwd=cwd)
+    server.wait("/ping", timeout)
+    return server
 
 
-def _start(cmd: list[str], port: int, health: str, log_path, *, env=None, timeout: float = 180,
-           cwd=None) -> MlflowServer:
+def _launch(cmd: list[str], port: int, log_path, *, env=None, cwd=None) -> MlflowServer:
     server_env = {k: v for k, v in os.environ.items() if k not in _CLIENT_ENV}
     server_env.update(env or {})
     log = Path(log_path)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env, cwd=cwd,
                                 start_new_session=True)
-    server = MlflowServer(proc=proc, port=port, log=log)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(cmd[2:5])} exited with {proc.returncode}:\n{server.log_tail()}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{server.url}{health}", timeout=5).status_code == 200:
-                    return server
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{' '.join(cmd[2:5])} not healthy after {timeout:.0f} s:\n{server.log_tail()}")
-            time.sleep(0.5)
-    except BaseException:
-        server.stop()
-        raise
+    return MlflowServer(proc=proc, port=port, log=log)

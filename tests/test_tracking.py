@@ -7,22 +7,16 @@ tests each train a few steps into one module-wide SQLite store and look only at 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import math
-import os
-import signal
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import free_port
 from mlflow import MlflowClient
+from servers import launch_mlflow_server
 from transformers import TrainerCallback
 
 from smolora_mlflow import SmoLoRA, SmoloraConfig
@@ -54,44 +48,6 @@ def _module_env(smolora_cache):
 # stores
 
 
-class _Server:
-    """``mlflow server`` with proxied artifacts, launched early (its start takes many seconds on a busy
-    box) and awaited only by the test that needs it."""
-
-    def __init__(self, root: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / "server.log"
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'db'}",
-               "--artifacts-destination", str(root / "art"), "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")
-               and k not in ("MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def wait(self, timeout: float = 240) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
-                if r.status == 200:
-                    return self.url
-            time.sleep(0.5)
-        pytest.fail(f"mlflow server not healthy after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _server(request, tmp_path_factory):
     """Starts the server at the top of the module when a selected test will use it."""
@@ -100,7 +56,9 @@ def _server(request, tmp_path_factory):
     if not wanted:
         yield None
         return
-    server = _Server(tmp_path_factory.mktemp("mlflow-server"))
+    root = tmp_path_factory.mktemp("mlflow-server")
+    # Launched now, awaited by the first test that needs it: its start takes many seconds on a busy box.
+    server = launch_mlflow_server(f"sqlite:///{root / 'db'}", root / "art", root / "server.log")
     yield server
     server.stop()
 
@@ -138,7 +96,7 @@ def _git_repo(path: Path) -> str:
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("server", marks=pytest.mark.slow)])
 def backend(request, store, _server) -> str:
-    return _server.wait() if request.param == "server" else store
+    return _server.wait("/health", timeout=240) if request.param == "server" else store
 
 
 @pytest.fixture(scope="module")
