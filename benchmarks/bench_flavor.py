@@ -1,6 +1,6 @@
 """What the smolora flavor costs and buys, as ratios against a baseline measured in the same run.
 
-    python benchmarks/bench_flavor.py [MODEL_DIR] [--reps 5] [--max-new-tokens 16] [--skip-serve]
+    python benchmarks/bench_flavor.py [MODEL_DIR] [--reps 5] [--max-new-tokens 16] [--only load,predict,serve,size]
 
 MODEL_DIR is a local ``save_pretrained`` causal LM (default: the built-in offline demo model). Each
 number is the median of ``--reps`` repetitions:
@@ -8,7 +8,7 @@ number is the median of ``--reps`` repetitions:
 - pyfunc ``predict`` vs raw transformers ``generate`` (1 prompt; a batch of 8)
 - 8 prompts in one ``predict`` call vs 8 calls
 - served ``/invocations``: 8 concurrent clients vs the same 8 requests one after another
-- load time: ``mlflow.pyfunc.load_model`` vs raw ``from_pretrained``
+- load time: ``mlflow.pyfunc.load_model("models:/...")`` from the registry vs raw ``from_pretrained``
 - artifact size: adapter mode vs merged mode (a rank-8 LoRA on q_proj/v_proj)
 """
 
@@ -88,18 +88,43 @@ def bench_predict(model_path: Path, model_dir: Path, reps: int, n: int) -> None:
     report("predict, batch of 8", ours, base, "pyfunc", "raw")
     batched, calls = paired(lambda: pyfunc_model.predict({"prompt": eight}, params=params),
                             lambda: [pyfunc_model.predict({"prompt": [p]}, params=params) for p in eight], reps)
-    report("8 prompts: one predict call vs 8 calls", batched, calls, "1 call", "8 calls")
+    print(f"{'8 prompts: one predict call vs 8 calls':<44} 1 call {batched:9.4f}s  8 calls {calls:9.4f}s  "
+          f"speed-up {calls / batched:6.2f}x", flush=True)
 
 
-def bench_load(model_path: Path, model_dir: Path, reps: int) -> None:
+def bench_load(model_dir: Path, root: Path, reps: int) -> None:
+    """Load from the Model Registry (a SQLite store in ``root``) vs raw ``from_pretrained`` of the same files.
+
+    Twice: with the files' hashes already remembered (a reload, a restarted server on the same disk) and
+    with every file hashed (a first load after a download; ``SMOLORA_VERIFY_CACHE=0``).
+    """
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def raw_load():
-        return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    from smolora_mlflow import flavor
 
-    ours, base = paired(lambda: mlflow.pyfunc.load_model(str(model_path)), raw_load, reps)
-    report("load time", ours, base, "pyfunc", "raw")
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.set_experiment("bench-flavor")
+    with mlflow.start_run():
+        info = flavor.log_model(name="model", model_dir=model_dir, registered_model_name="bench-flavor",
+                                pip_requirements=PIP)
+    files = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "model"
+    time.sleep(2.1)  # hashes of files written in the last 2 s are not remembered (see smolora_mlflow._verified)
+
+    def raw_load():
+        return AutoModelForCausalLM.from_pretrained(files), AutoTokenizer.from_pretrained(files)
+
+    def registry_load():
+        return mlflow.pyfunc.load_model("models:/bench-flavor/1")
+
+    ours, base = paired(registry_load, raw_load, reps)
+    report("load from registry (hashes remembered)", ours, base, "pyfunc", "raw")
+    os.environ["SMOLORA_VERIFY_CACHE"] = "0"
+    try:
+        ours, base = paired(registry_load, raw_load, reps)
+    finally:
+        del os.environ["SMOLORA_VERIFY_CACHE"]
+    report("load from registry (every file hashed)", ours, base, "pyfunc", "raw")
 
 
 def _free_port() -> int:
@@ -190,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model_dir", nargs="?", help="a local save_pretrained causal LM (default: the demo model)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--only", default="load,predict,serve,size", help="comma-separated parts to run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads here and in the server (steadier)")
     args = ap.parse_args(argv)
+    parts = set(args.only.split(","))
     import torch
 
     torch.set_num_threads(args.threads)
@@ -206,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         flavor.save_model(root / "merged", model_dir, pip_requirements=PIP)
-        bench_load(root / "merged", model_dir, args.reps)
-        bench_predict(root / "merged", model_dir, args.reps, args.max_new_tokens)
-        if not args.skip_serve:
+        if "load" in parts:
+            bench_load(model_dir, root, args.reps)
+        if "predict" in parts:
+            bench_predict(root / "merged", model_dir, args.reps, args.max_new_tokens)
+        if "serve" in parts:
             bench_serve(root / "merged", root, args.reps, args.max_new_tokens)
-        bench_sizes(model_dir, root)
+        if "size" in parts:
+            bench_sizes(model_dir, root)
     return 0
 
 

@@ -3,21 +3,29 @@
 MLflow's scoring server runs each request's ``predict`` in its own thread. Calling ``model.generate``
 from several threads at once is unsafe and slow, so one lock serialises generation, and requests that
 arrive close together with identical generation params are merged into one batched call (a leader
-and followers): the first request of a group waits ``window_s`` for company, then runs the whole
-group under the lock and hands each caller its own slice of the results. Requests that arrive while a
-batch is running keep joining the next group until its leader gets the lock, so a busy server batches
-more, not less.
+and followers): the first request of a group waits for company while requests keep arriving (a quiet
+gap ends the wait), then runs the whole group under the lock and hands each caller its own slice of
+the results. Requests that arrive while a batch is running keep joining the next group until its
+leader gets the lock, so a busy server batches more, not less.
 
 Seeded sampling requests are never merged: their random stream must not depend on the neighbours.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Set by `mlflow models serve` in the uvicorn process that loads the model.
+SCORING_SERVER_ENV = "__pyfunc_model_path__"
 
 RunBatch = Callable[[list[str], dict[str, Any]], list[str]]
 
@@ -48,8 +56,12 @@ class RequestBatcher:
 
     Args:
         run_batch: ``(prompts, params) -> completions``, called under ``self.lock``.
-        window_s: how long a group's first request waits for others (0 disables the wait).
+        window_s: the quiet gap a group's first request waits for company: it keeps waiting while
+            requests keep joining, until a gap of ``window_s`` passes with none (0 disables the wait).
         max_batch_size: most prompts per group; a full group is closed and a new one started.
+        busy_window_s: the gap used instead while requests have been coalescing (within
+            ``busy_memory_s``): an idle server answers a lone request at once, a busy one batches.
+        max_wait_s: the longest a leader waits for company in all.
 
     Example:
         >>> b = RequestBatcher(lambda ps, kw: [p.upper() for p in ps], window_s=0.01)
@@ -58,7 +70,7 @@ class RequestBatcher:
     """
 
     def __init__(self, run_batch: RunBatch, *, window_s: float = 0.01, max_batch_size: int = 32,
-                 busy_window_s: float = 0.01, busy_memory_s: float = 2.0):
+                 busy_window_s: float = 0.015, busy_memory_s: float = 10.0, max_wait_s: float = 0.05):
         if window_s < 0:
             raise ValueError(f"`window_s` must be >= 0, got {window_s}.")
         if max_batch_size < 1:
@@ -66,10 +78,9 @@ class RequestBatcher:
         self._run_batch = run_batch
         self.window_s = window_s
         self.max_batch_size = max_batch_size
-        # Adaptive wait: an idle server answers a lone request at once; once requests have been arriving
-        # together (within `busy_memory_s`), a new group's leader waits `busy_window_s` for company.
         self.busy_window_s = busy_window_s
         self.busy_memory_s = busy_memory_s
+        self.max_wait_s = max_wait_s
         self._last_coalesced = float("-inf")
         self.lock = threading.Lock()  # serialises generation (also used by streaming)
         self._state_lock = threading.Lock()  # guards the open groups and the counters
@@ -112,11 +123,25 @@ class RequestBatcher:
             if group.requests > 1:
                 self.stats.coalesced_requests += group.requests
 
-    def _lead(self, group: _Group) -> None:
+    def _wait_for_company(self, group: _Group) -> None:
+        """Sleep in gaps while the group keeps growing; stop at a quiet gap, a full group or max_wait_s."""
         busy = time.monotonic() - self._last_coalesced < self.busy_memory_s
-        wait = max(self.window_s, self.busy_window_s if busy else 0.0)
-        if wait:
-            time.sleep(wait)
+        gap = max(self.window_s, self.busy_window_s if busy else 0.0)
+        if not gap:
+            return
+        deadline = time.monotonic() + self.max_wait_s
+        seen = 0
+        while time.monotonic() < deadline:
+            with self._state_lock:
+                grown = group.requests > seen
+                seen = group.requests
+                full = len(group.prompts) >= self.max_batch_size
+            if not grown or full:
+                return
+            time.sleep(min(gap, max(0.0, deadline - time.monotonic())))
+
+    def _lead(self, group: _Group) -> None:
+        self._wait_for_company(group)
         try:
             with self.lock:
                 self._close(group)
@@ -142,3 +167,29 @@ class RequestBatcher:
             raise group.error
         assert group.results is not None
         return group.results[start : start + len(prompts)]
+
+
+def widen_scoring_server_pool(threads: int) -> bool:
+    """Let up to ``threads`` requests of ``mlflow models serve`` be inside ``predict`` at once.
+
+    Call from ``predict``. MLflow's scoring server hands each request to ``asyncio.to_thread``, i.e. to
+    the event loop's default executor of ``min(32, cpus + 4)`` threads: 6 on a 2-core machine. A
+    request beyond that waits before ``predict`` and cannot join the batch that is forming, so 8
+    concurrent clients got three or four generate calls instead of one or two. MLflow offers no setting
+    and loads the model before the loop exists, so the limit of the executor running this call is
+    raised. The extra threads only wait on the batcher; the model still runs one batch at a time.
+    Does nothing outside the scoring server or where the executor is not found (returns False).
+    """
+    if threads <= 0 or SCORING_SERVER_ENV not in os.environ:
+        return False
+    # A ThreadPoolExecutor worker thread runs `_worker(executor_weakref, ...)`; CPython keeps the
+    # arguments on the Thread object while it runs.
+    args = getattr(threading.current_thread(), "_args", None) or (None,)
+    executor = args[0]() if callable(args[0]) else None
+    if not isinstance(executor, ThreadPoolExecutor) or not isinstance(getattr(executor, "_max_workers", None), int):
+        logger.debug("Not in a thread pool worker; the scoring server keeps its own request threads.")
+        return False
+    if executor._max_workers < threads:
+        executor._max_workers = threads
+        logger.info("Scoring server: up to %d requests may now wait for a shared batch at once.", threads)
+    return True

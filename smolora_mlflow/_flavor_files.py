@@ -19,7 +19,8 @@ import pandas as pd
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_pip_requirements
-from mlflow.protos.databricks_pb2 import INVALID_STATE
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.protos.databricks_pb2 import INVALID_STATE, RESOURCE_DOES_NOT_EXIST
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
@@ -32,6 +33,7 @@ from mlflow.utils.environment import (
 )
 from mlflow.utils.file_utils import write_to
 
+from smolora_mlflow import _verified as verified
 from smolora_mlflow._flavor_inputs import OUTPUT_COLUMN, PARAM_TYPES, PROMPT_COLUMN, validate_params
 from smolora_mlflow.config import DEMO_MODEL
 from smolora_mlflow.constants import FLAVOR_NAME
@@ -52,6 +54,24 @@ DATA_SUBPATH = {"merged": "model", "adapter": "adapter"}
 _SELF_DISTRIBUTIONS = {"smolora-mlflow", "smolora_mlflow"}
 
 
+def read_flavor_conf(model_root: str | Path) -> dict[str, Any]:
+    """The ``smolora`` block of a model's MLmodel file.
+
+    Parsed with libyaml when it is there: MLflow's ``Model.load`` uses the pure-Python parser, which
+    costs several milliseconds per load, and the pyfunc loader would otherwise parse the file twice.
+    """
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    with open(Path(model_root) / MLMODEL_FILE_NAME, encoding="utf-8") as f:
+        flavors = (yaml.load(f, Loader=loader) or {}).get("flavors") or {}
+    if FLAVOR_NAME not in flavors:
+        raise MlflowException(
+            f"The model at `{model_root}` has no `{FLAVOR_NAME}` flavor (it has {sorted(flavors)}); load it "
+            "with the loader of one of those flavors.",
+            error_code=RESOURCE_DOES_NOT_EXIST,
+        )
+    return flavors[FLAVOR_NAME]
+
+
 def hash_files(data_dir: Path) -> dict[str, str]:
     """sha256 of every file under ``data_dir``, keyed by its POSIX path relative to ``data_dir``."""
     return {
@@ -69,7 +89,7 @@ def verify_files(data_dir: Path, expected: Mapping[str, str]) -> None:
                 "re-log the model.",
                 error_code=INVALID_STATE,
             )
-        actual = file_sha256(path)
+        actual = verified.sha256(path)
         if actual != sha:
             raise MlflowException(
                 f"Model file `{path}` does not match the sha256 recorded when the model was saved "

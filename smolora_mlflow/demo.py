@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from smolora_mlflow.config import DEMO_DATASET, DEMO_MODEL
+from smolora_mlflow.modelio import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +63,6 @@ def _recipe_hash() -> str:
     h = hashlib.sha256(json.dumps(DEMO_MODEL_SPEC, sort_keys=True).encode())
     h.update(DEMO_CORPUS.read_bytes())
     return h.hexdigest()[:16]
-
-
-def cache_root() -> Path:
-    env = os.environ.get("SMOLORA_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "smolora_mlflow"
 
 
 def demo_model_path(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -49,14 +49,13 @@ from mlflow.utils.environment import (
 )
 from mlflow.utils.file_utils import get_total_file_size
 from mlflow.utils.model_utils import (
-    _get_flavor_configuration,
     _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
 )
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from smolora_mlflow import _flavor_files as files
-from smolora_mlflow._batching import RequestBatcher
+from smolora_mlflow._batching import SCORING_SERVER_ENV, RequestBatcher, widen_scoring_server_pool
 from smolora_mlflow._flavor_inputs import OUTPUT_COLUMN, to_prompts, validate_params
 from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
 from smolora_mlflow.generation import count_tokens, generate, resolve_device, stream
@@ -298,8 +297,9 @@ class _SmoloraPyfuncWrapper:
     """pyfunc implementation: validates inputs and params, coalesces concurrent calls, streams."""
 
     def __init__(self, model, tokenizer, conf: dict[str, Any], *, batch_size: int = 8,
-                 coalesce_window_ms: float = 0.0, max_batch_size: int = 32,
-                 max_prompts_per_request: int = 256, max_prompt_chars: int = 100_000):
+                 coalesce_window_ms: float | None = None, max_batch_size: int = 32,
+                 max_prompts_per_request: int = 256, max_prompt_chars: int = 100_000,
+                 server_threads: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.defaults = dict(conf.get("generation_defaults") or {})
         self.max_new_tokens_limit = int(conf.get("max_new_tokens_limit") or 1024)
@@ -311,8 +311,14 @@ class _SmoloraPyfuncWrapper:
         self.max_prompts_per_request = int(max_prompts_per_request)
         self.max_prompt_chars = int(max_prompt_chars)
         self._tokenizer_lock = threading.Lock()
+        # In `mlflow models serve` a lone request waits a few ms for company (requests that arrive
+        # together reach predict a few ms apart); a direct predict call runs at once unless busy.
+        in_server = SCORING_SERVER_ENV in os.environ
+        if coalesce_window_ms is None:
+            coalesce_window_ms = 5.0 if in_server else 0.0
         self._batcher = RequestBatcher(self._run_batch, window_s=float(coalesce_window_ms) / 1000,
                                        max_batch_size=int(max_batch_size))
+        self._server_threads = int(max_batch_size if server_threads is None else server_threads) if in_server else 0
         count_tokens(tokenizer, "warm up")  # settle the fast tokenizer's state before threads share it
 
     @property
@@ -357,6 +363,9 @@ class _SmoloraPyfuncWrapper:
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One ``generated_text`` row per prompt, in order."""
+        if self._server_threads:  # first request in `mlflow models serve`
+            widen_scoring_server_pool(self._server_threads)
+            self._server_threads = 0
         prompts, params = self._prepare(model_input, params)
         return pd.DataFrame({OUTPUT_COLUMN: self._batcher.submit(prompts, params)})
 
@@ -376,14 +385,15 @@ def _model_root(path: str) -> Path:
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _SmoloraPyfuncWrapper:
     """Called by ``mlflow.pyfunc.load_model``. ``model_config`` keys: device, dtype, base_model_path,
-    batch_size, coalesce_window_ms, max_batch_size, max_prompts_per_request, max_prompt_chars."""
+    batch_size, coalesce_window_ms, max_batch_size, max_prompts_per_request, max_prompt_chars,
+    server_threads (requests ``mlflow models serve`` lets into predict at once; 0 keeps MLflow's pool)."""
     cfg = dict(model_config or {})
     unknown = set(cfg) - {"device", "dtype", "base_model_path", "batch_size", "coalesce_window_ms",
-                          "max_batch_size", "max_prompts_per_request", "max_prompt_chars"}
+                          "max_batch_size", "max_prompts_per_request", "max_prompt_chars", "server_threads"}
     if unknown:
         raise MlflowException.invalid_parameter_value(f"Unknown model_config keys {sorted(unknown)}.")
     root = _model_root(path)
-    conf = _get_flavor_configuration(str(root), FLAVOR_NAME)
+    conf = files.read_flavor_conf(root)
     model, tokenizer = _load_model(root, conf, device=cfg.pop("device", "auto"), dtype=cfg.pop("dtype", None),
                                    base_model_path=cfg.pop("base_model_path", None))
     return _SmoloraPyfuncWrapper(model, tokenizer, conf, **cfg)
@@ -408,6 +418,6 @@ def load_model(
         >>> model, tokenizer = load_model("models:/reviews@production", device="cpu")
     """
     local = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
-    conf = _get_flavor_configuration(local, FLAVOR_NAME)
+    conf = files.read_flavor_conf(local)
     return _load_model(Path(local), conf, device=device, dtype=dtype, merge=merge,
                        base_model_path=base_model_path)

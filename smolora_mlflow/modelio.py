@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import warnings
 from collections.abc import Iterator
@@ -18,7 +19,13 @@ from smolora_mlflow.config import DEMO_MODEL
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
+_SLICE = 256 << 20  # bytes hashed per C call (bounded so a huge file does not pin its pages at once)
+
+
+def cache_root() -> Path:
+    """Where smolora keeps what it builds or learns once: ``$SMOLORA_CACHE`` or ``~/.cache/smolora_mlflow``."""
+    env = os.environ.get("SMOLORA_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "smolora_mlflow"
 
 
 def progress_enabled() -> bool:
@@ -50,23 +57,38 @@ def quiet_upstream_deprecations() -> Iterator[None]:
 
 
 def weights_sha256(model_dir: str | os.PathLike) -> str:
-    """sha256 over every ``*.safetensors`` file of a folder, in name order (names are hashed too)."""
+    """sha256 over every ``*.safetensors`` file of a folder, in name order (names are hashed too).
+
+    Each file's hash is remembered against its inode and change stamps (see ``_verified``), so a base
+    model checked once is not hashed again at every training start or adapter load.
+    """
     root = Path(model_dir)
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors weight files in `{root}`; only safetensors weights are supported.")
+    from smolora_mlflow import _verified  # imports this module
+
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
-        h.update(file_sha256(f).encode())
+        h.update(_verified.sha256(f).encode())
     return h.hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, hashed through a memory map in large slices.
+
+    Each slice is one C call that leaves the GIL, so a hash running in a helper thread really overlaps
+    a model load on the main thread (1 MiB reads gave the GIL back and forth and serialised the two).
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
+            for start in range(0, size, _SLICE):
+                h.update(view[start : start + _SLICE])
     return h.hexdigest()
 
 

@@ -1,0 +1,104 @@
+"""Request coalescing and the scoring server's request threads, on real threads and thread pools."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from smolora_mlflow._batching import SCORING_SERVER_ENV, RequestBatcher, widen_scoring_server_pool
+
+
+def _recording_batcher(**kwargs) -> tuple[RequestBatcher, list[list[str]]]:
+    calls: list[list[str]] = []
+
+    def run(prompts, params):
+        calls.append(list(prompts))
+        return [p.upper() for p in prompts]
+
+    return RequestBatcher(run, **kwargs), calls
+
+
+def test_leader_keeps_waiting_while_requests_keep_arriving():
+    # Gaps of 0.1 s between arrivals, under the 0.5 s quiet gap: all three share one batch.
+    batcher, calls = _recording_batcher(window_s=0.5, max_wait_s=10.0)
+    results: dict[str, list[str]] = {}
+
+    def submit(p: str) -> None:
+        results[p] = batcher.submit([p], {"max_new_tokens": 4})
+
+    threads = []
+    for p in ("a", "b", "c"):
+        threads.append(threading.Thread(target=submit, args=(p,)))
+        threads[-1].start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(timeout=30)
+    assert calls == [["a", "b", "c"]]
+    assert results == {"a": ["A"], "b": ["B"], "c": ["C"]}
+    assert batcher.stats.coalesced_requests == 3
+
+
+def test_different_params_and_seeded_sampling_never_share_a_batch():
+    batcher, calls = _recording_batcher(window_s=0.3)
+    barrier = threading.Barrier(3)
+    params = [{"max_new_tokens": 4}, {"max_new_tokens": 8}, {"do_sample": True, "seed": 1}]
+
+    def submit(i: int) -> None:
+        barrier.wait()
+        batcher.submit([f"p{i}"], params[i])
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(calls) == [["p0"], ["p1"], ["p2"]]
+
+
+def test_errors_reach_every_member_of_the_batch():
+    def run(prompts, params):
+        raise ValueError(f"bad batch of {len(prompts)}")
+
+    batcher = RequestBatcher(run, window_s=0.3)
+    errors: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def submit(p: str) -> None:
+        barrier.wait()
+        try:
+            batcher.submit([p], {})
+        except ValueError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=submit, args=(p,)) for p in "xy"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == ["bad batch of 2", "bad batch of 2"]
+
+
+def test_widening_lets_more_requests_into_predict_at_once(monkeypatch):
+    monkeypatch.setenv(SCORING_SERVER_ENV, "/models/m")
+    pool = ThreadPoolExecutor(max_workers=2)  # what asyncio.to_thread gives on a small machine
+    try:
+        assert pool.submit(widen_scoring_server_pool, 8).result(timeout=30) is True
+        # Eight tasks that can only finish together: they need eight threads.
+        barrier = threading.Barrier(8, timeout=30)
+        assert all(f.result(timeout=60) is not None for f in [pool.submit(barrier.wait) for _ in range(8)])
+    finally:
+        pool.shutdown()
+
+
+def test_widening_does_nothing_outside_the_scoring_server(monkeypatch):
+    monkeypatch.delenv(SCORING_SERVER_ENV, raising=False)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assert pool.submit(widen_scoring_server_pool, 8).result(timeout=30) is False
+        assert pool._max_workers == 2
+    monkeypatch.setenv(SCORING_SERVER_ENV, "/models/m")
+    assert widen_scoring_server_pool(8) is False  # not called from a pool worker
+    with pytest.raises(ValueError, match="window_s"):
+        RequestBatcher(lambda p, k: p, window_s=-1)
