@@ -311,13 +311,14 @@ class _SmoloraPyfuncWrapper:
         self.max_prompts_per_request = int(max_prompts_per_request)
         self.max_prompt_chars = int(max_prompt_chars)
         self._tokenizer_lock = threading.Lock()
-        # In `mlflow models serve` a lone request waits a few ms for company (requests that arrive
-        # together reach predict a few ms apart); a direct predict call runs at once unless busy.
+        # In `mlflow models serve` a lone request waits for company for 5 ms or 5% of a generate call,
+        # whichever is longer (requests sent together reach predict up to ~10 ms apart after MLflow's
+        # parsing); a direct predict call runs at once unless calls have been coalescing.
         in_server = SCORING_SERVER_ENV in os.environ
         if coalesce_window_ms is None:
             coalesce_window_ms = 5.0 if in_server else 0.0
         self._batcher = RequestBatcher(self._run_batch, window_s=float(coalesce_window_ms) / 1000,
-                                       max_batch_size=int(max_batch_size))
+                                       max_batch_size=int(max_batch_size), wait_fraction=0.05 if in_server else 0.0)
         self._server_threads = int(max_batch_size if server_threads is None else server_threads) if in_server else 0
         count_tokens(tokenizer, "warm up")  # settle the fast tokenizer's state before threads share it
 
@@ -367,7 +368,8 @@ class _SmoloraPyfuncWrapper:
             widen_scoring_server_pool(self._server_threads)
             self._server_threads = 0
         prompts, params = self._prepare(model_input, params)
-        return pd.DataFrame({OUTPUT_COLUMN: self._batcher.submit(prompts, params)})
+        # object dtype: pandas' string inference costs more than the rest of this wrapper per call
+        return pd.DataFrame({OUTPUT_COLUMN: self._batcher.submit(prompts, params)}, dtype=object)
 
     def predict_stream(self, model_input: Any, params: dict[str, Any] | None = None) -> Iterator[str]:
         """Text pieces of one prompt's completion; validated before the first piece is asked for."""
@@ -383,10 +385,31 @@ def _model_root(path: str) -> Path:
     return p if (p / MLMODEL_FILE_NAME).is_file() else p.parent
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_to_stderr_if_asked() -> None:
+    """``SMOLORA_LOG_LEVEL=DEBUG|INFO|...``: show this package's log in a scoring server's output."""
+    level = os.environ.get("SMOLORA_LOG_LEVEL", "").strip().upper()
+    if not level:
+        return
+    if level not in _LOG_LEVELS:
+        raise MlflowException.invalid_parameter_value(
+            f"SMOLORA_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {level!r}; fix or unset it.")
+    package_logger = logging.getLogger("smolora_mlflow")
+    if not any(getattr(h, "smolora_stderr", False) for h in package_logger.handlers):
+        handler = logging.StreamHandler()
+        handler.smolora_stderr = True
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package_logger.addHandler(handler)
+    package_logger.setLevel(level)
+
+
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _SmoloraPyfuncWrapper:
     """Called by ``mlflow.pyfunc.load_model``. ``model_config`` keys: device, dtype, base_model_path,
     batch_size, coalesce_window_ms, max_batch_size, max_prompts_per_request, max_prompt_chars,
     server_threads (requests ``mlflow models serve`` lets into predict at once; 0 keeps MLflow's pool)."""
+    _log_to_stderr_if_asked()
     cfg = dict(model_config or {})
     unknown = set(cfg) - {"device", "dtype", "base_model_path", "batch_size", "coalesce_window_ms",
                           "max_batch_size", "max_prompts_per_request", "max_prompt_chars", "server_threads"}

@@ -149,7 +149,8 @@ def generate(
     device = next(model.parameters()).device
     if int(p["seed"]) >= 0:
         torch.manual_seed(int(p["seed"]))
-    model.eval()
+    if model.training:
+        model.eval()
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])

@@ -102,3 +102,23 @@ def test_widening_does_nothing_outside_the_scoring_server(monkeypatch):
     assert widen_scoring_server_pool(8) is False  # not called from a pool worker
     with pytest.raises(ValueError, match="window_s"):
         RequestBatcher(lambda p, k: p, window_s=-1)
+
+
+def test_the_wait_scales_with_how_long_a_batch_takes():
+    # After one 0.4 s batch, wait_fraction=1 makes the quiet gap 0.4 s: a request 0.15 s behind joins.
+    calls: list[list[str]] = []
+
+    def slow(prompts, params):
+        calls.append(list(prompts))
+        time.sleep(0.4)
+        return list(prompts)
+
+    batcher = RequestBatcher(slow, window_s=0.0, busy_window_s=0.0, max_wait_s=5.0, wait_fraction=1.0)
+    batcher.submit(["warm"], {})
+    threads = [threading.Thread(target=batcher.submit, args=([p], {})) for p in ("a", "b")]
+    threads[0].start()
+    time.sleep(0.15)
+    threads[1].start()
+    for t in threads:
+        t.join(timeout=30)
+    assert calls == [["warm"], ["a", "b"]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ DEFAULT_TOKENS = 8  # saved as the model's default, to keep the tests quick
 def _clean_env() -> dict[str, str]:
     """No PYTHONPATH: the subprocess must find smolora_mlflow in the model's code path."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", SMOLORA_LOG_LEVEL="DEBUG")
     return env
 
 
@@ -60,11 +61,16 @@ def expected(demo_model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
+def served(model_path, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("server-cwd")
     srv = start_model_server(model_path, workdir / "server.log", cwd=workdir, env=_clean_env())
-    yield srv.url
+    yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served.url
 
 
 def _post(url: str, payload, timeout: float = 120):
@@ -141,7 +147,7 @@ def test_bad_requests_are_4xx_with_the_reason(server, payload, message):
     assert requests.get(f"{server}/ping", timeout=5).status_code == 200
 
 
-def test_concurrent_clients_get_their_own_answers(server, expected):
+def test_concurrent_clients_get_their_own_answers(served, server, expected):
     prompts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 2)]
     want = expected(prompts, **PARAMS)
 
@@ -151,6 +157,12 @@ def test_concurrent_clients_get_their_own_answers(server, expected):
     with ThreadPoolExecutor(max_workers=8) as pool:
         got = list(pool.map(ask, prompts))
     assert got == [[w] for w in want]
+    # The server's own log (SMOLORA_LOG_LEVEL=DEBUG): its request pool was widened past MLflow's 6
+    # threads on a 2-core machine, and requests shared generate calls.
+    log = served.log.read_text()
+    assert "up to 32 requests may now wait for a shared batch" in log
+    shared = [int(n) for n in re.findall(r"generate: \d+ prompt\(s\) from (\d+) request", log)]
+    assert max(shared) >= 2, shared
 
 
 def test_mlflow_models_predict_cli(model_path, tmp_path, expected):
