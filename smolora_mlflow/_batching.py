@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlflow.exceptions import MlflowException
+
 logger = logging.getLogger(__name__)
 
 # Set by `mlflow models serve` in the uvicorn process that loads the model.
@@ -203,3 +205,23 @@ def widen_scoring_server_pool(threads: int) -> bool:
         executor._max_workers = threads
         logger.info("Scoring server: up to %d requests may now wait for a shared batch at once.", threads)
     return True
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def log_to_stderr_if_asked() -> None:
+    """``SMOLORA_LOG_LEVEL=DEBUG|INFO|...``: show this package's log in a scoring server's output."""
+    level = os.environ.get("SMOLORA_LOG_LEVEL", "").strip().upper()
+    if not level:
+        return
+    if level not in _LOG_LEVELS:
+        raise MlflowException.invalid_parameter_value(
+            f"SMOLORA_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {level!r}; fix or unset it.")
+    package_logger = logging.getLogger("smolora_mlflow")
+    if not any(getattr(h, "smolora_stderr", False) for h in package_logger.handlers):
+        handler = logging.StreamHandler()
+        handler.smolora_stderr = True
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package_logger.addHandler(handler)
+    package_logger.setLevel(level)

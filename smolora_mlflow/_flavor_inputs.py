@@ -211,3 +211,26 @@ def _list_prompts(items: list[Any], tokenizer) -> list[str]:
     for i, item in enumerate(items):
         out += _cell_prompts(item, tokenizer, f"prompt {i}")
     return out
+
+
+def check_request_size(prompts: list[str], max_prompts: int, max_chars: int) -> None:
+    """One request must not be able to exhaust memory or hold the model for minutes."""
+    if len(prompts) > max_prompts:
+        raise _invalid(f"The request holds {len(prompts)} prompts, more than max_prompts_per_request "
+                       f"({max_prompts}); split it into smaller requests.")
+    for i, p in enumerate(prompts):
+        if len(p) > max_chars:
+            raise _invalid(f"Prompt {i} has {len(p):,} characters, more than max_prompt_chars ({max_chars:,}); "
+                           "shorten it.")
+
+
+def check_prompt_lengths(lengths: list[int], max_new_tokens: int, max_prompt_tokens: int | None,
+                         context_length: int | None) -> None:
+    """Each prompt's token count against the model's prompt limit and its context (with the new tokens)."""
+    for i, n in enumerate(lengths):
+        if max_prompt_tokens and n > max_prompt_tokens:
+            raise _invalid(f"Prompt {i} has {n} tokens, more than this model's max_prompt_tokens "
+                           f"({max_prompt_tokens}); shorten it.")
+        if context_length and n + max_new_tokens > context_length:
+            raise _invalid(f"Prompt {i} has {n} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                           f"model's context of {context_length} tokens. Shorten the prompt or lower max_new_tokens.")

@@ -55,8 +55,19 @@ from mlflow.utils.model_utils import (
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from smolora_mlflow import _flavor_files as files
-from smolora_mlflow._batching import SCORING_SERVER_ENV, RequestBatcher, widen_scoring_server_pool
-from smolora_mlflow._flavor_inputs import OUTPUT_COLUMN, to_prompts, validate_params
+from smolora_mlflow._batching import (
+    SCORING_SERVER_ENV,
+    RequestBatcher,
+    log_to_stderr_if_asked,
+    widen_scoring_server_pool,
+)
+from smolora_mlflow._flavor_inputs import (
+    OUTPUT_COLUMN,
+    check_prompt_lengths,
+    check_request_size,
+    to_prompts,
+    validate_params,
+)
 from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
 from smolora_mlflow.generation import count_tokens, generate, resolve_device, stream
 from smolora_mlflow.modelio import quiet_upstream_deprecations, weights_sha256
@@ -337,30 +348,10 @@ class _SmoloraPyfuncWrapper:
         params = validate_params(params, self.defaults, self.max_new_tokens_limit)
         with self._tokenizer_lock:
             prompts = to_prompts(model_input, self.tokenizer)
-            self._check_request_size(prompts)
+            check_request_size(prompts, self.max_prompts_per_request, self.max_prompt_chars)
             lengths = [count_tokens(self.tokenizer, p) for p in prompts]
-        budget = params["max_new_tokens"]
-        for i, n in enumerate(lengths):
-            if self.max_prompt_tokens and n > self.max_prompt_tokens:
-                raise MlflowException.invalid_parameter_value(
-                    f"Prompt {i} has {n} tokens, more than this model's max_prompt_tokens "
-                    f"({self.max_prompt_tokens}); shorten it.")
-            if self.context_length and n + budget > self.context_length:
-                raise MlflowException.invalid_parameter_value(
-                    f"Prompt {i} has {n} tokens; with max_new_tokens={budget} that exceeds the model's "
-                    f"context of {self.context_length} tokens. Shorten the prompt or lower max_new_tokens.")
+        check_prompt_lengths(lengths, params["max_new_tokens"], self.max_prompt_tokens, self.context_length)
         return prompts, params
-
-    def _check_request_size(self, prompts: list[str]) -> None:
-        if len(prompts) > self.max_prompts_per_request:
-            raise MlflowException.invalid_parameter_value(
-                f"The request holds {len(prompts)} prompts, more than max_prompts_per_request "
-                f"({self.max_prompts_per_request}); split it into smaller requests.")
-        for i, p in enumerate(prompts):
-            if len(p) > self.max_prompt_chars:
-                raise MlflowException.invalid_parameter_value(
-                    f"Prompt {i} has {len(p):,} characters, more than max_prompt_chars "
-                    f"({self.max_prompt_chars:,}); shorten it.")
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One ``generated_text`` row per prompt, in order."""
@@ -385,31 +376,11 @@ def _model_root(path: str) -> Path:
     return p if (p / MLMODEL_FILE_NAME).is_file() else p.parent
 
 
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def _log_to_stderr_if_asked() -> None:
-    """``SMOLORA_LOG_LEVEL=DEBUG|INFO|...``: show this package's log in a scoring server's output."""
-    level = os.environ.get("SMOLORA_LOG_LEVEL", "").strip().upper()
-    if not level:
-        return
-    if level not in _LOG_LEVELS:
-        raise MlflowException.invalid_parameter_value(
-            f"SMOLORA_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {level!r}; fix or unset it.")
-    package_logger = logging.getLogger("smolora_mlflow")
-    if not any(getattr(h, "smolora_stderr", False) for h in package_logger.handlers):
-        handler = logging.StreamHandler()
-        handler.smolora_stderr = True
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        package_logger.addHandler(handler)
-    package_logger.setLevel(level)
-
-
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _SmoloraPyfuncWrapper:
     """Called by ``mlflow.pyfunc.load_model``. ``model_config`` keys: device, dtype, base_model_path,
     batch_size, coalesce_window_ms, max_batch_size, max_prompts_per_request, max_prompt_chars,
     server_threads (requests ``mlflow models serve`` lets into predict at once; 0 keeps MLflow's pool)."""
-    _log_to_stderr_if_asked()
+    log_to_stderr_if_asked()
     cfg = dict(model_config or {})
     unknown = set(cfg) - {"device", "dtype", "base_model_path", "batch_size", "coalesce_window_ms",
                           "max_batch_size", "max_prompts_per_request", "max_prompt_chars", "server_threads"}
