@@ -10,9 +10,10 @@ back, so a remembered hash never vouches for bytes that changed. Files whose sta
 stamps unchanged (the "racily clean" case git guards the same way). A fresh download has new inodes
 and is always hashed; so is everything on Windows, where ``st_ctime`` is the creation time.
 
-The record is ``$SMOLORA_CACHE/verified-files.json`` (default ``~/.cache/smolora_mlflow``), written
-atomically; two processes racing only lose an entry, never corrupt one. ``SMOLORA_VERIFY_CACHE=0``
-turns it off.
+The record is ``$SMOLORA_CACHE/verified-files.json`` (default ``~/.cache/smolora_mlflow``, mode 0600),
+written atomically; two processes racing only lose an entry, never corrupt one. It is as trustworthy as
+that folder: someone who can write it could vouch for altered files, but someone who can write a
+model's folder can already rewrite the hashes in its ``MLmodel``. ``SMOLORA_VERIFY_CACHE=0`` turns it off.
 """
 
 from __future__ import annotations
