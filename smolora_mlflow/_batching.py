@@ -59,11 +59,12 @@ class RequestBatcher:
     Args:
         run_batch: ``(prompts, params) -> completions``, called under ``self.lock``.
         window_s: the quiet gap a group's first request waits for company: it keeps waiting while
-            requests keep joining, until a gap of ``window_s`` passes with none (0 disables the wait).
+            requests keep joining, until a gap of ``window_s`` passes with none (0, with the other gaps
+            0, disables the wait).
         max_batch_size: most prompts per group; a full group is closed and a new one started.
         busy_window_s: the gap used instead while requests have been coalescing (within
             ``busy_memory_s``): an idle server answers a lone request at once, a busy one batches.
-        max_wait_s: the longest a leader waits for company in all.
+        max_wait_s: the longest a leader waits for company in all (at least one gap).
         wait_fraction: a gap of at least this fraction of a typical ``run_batch`` call: waiting 5% of a
             generate call for company costs a lone request little and saves a whole call when company
             comes, on small and large models alike.
@@ -121,7 +122,10 @@ class RequestBatcher:
             return group, start, leader
 
     def _close(self, group: _Group) -> None:
+        """Stop the group taking members (idempotent: also called on the leader's way out)."""
         with self._state_lock:
+            if group.closed:
+                return
             group.closed = True
             for key, open_group in list(self._open.items()):
                 if open_group is group:
@@ -137,7 +141,7 @@ class RequestBatcher:
         gap = max(self.window_s, self.busy_window_s if busy else 0.0, self.wait_fraction * self._batch_s)
         if not gap:
             return
-        deadline = time.monotonic() + self.max_wait_s
+        deadline = time.monotonic() + max(self.max_wait_s, gap)  # a configured gap longer than the cap wins
         seen = 0
         while time.monotonic() < deadline:
             with self._state_lock:
@@ -149,8 +153,8 @@ class RequestBatcher:
             time.sleep(min(gap, max(0.0, deadline - time.monotonic())))
 
     def _lead(self, group: _Group) -> None:
-        self._wait_for_company(group)
-        try:
+        try:  # whatever happens (even KeyboardInterrupt while waiting), the group is closed and released
+            self._wait_for_company(group)
             with self.lock:
                 self._close(group)
                 logger.debug("generate: %d prompt(s) from %d request(s)", len(group.prompts), group.requests)
@@ -164,6 +168,7 @@ class RequestBatcher:
         except BaseException as e:  # handed to every member of the group, then re-raised
             group.error = e
         finally:
+            self._close(group)
             group.done.set()
 
     def submit(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
@@ -201,9 +206,8 @@ def widen_scoring_server_pool(threads: int) -> bool:
     if not isinstance(executor, ThreadPoolExecutor) or not isinstance(getattr(executor, "_max_workers", None), int):
         logger.debug("Not in a thread pool worker; the scoring server keeps its own request threads.")
         return False
-    if executor._max_workers < threads:
-        executor._max_workers = threads
-        logger.info("Scoring server: up to %d requests may now wait for a shared batch at once.", threads)
+    executor._max_workers = max(executor._max_workers, threads)
+    logger.info("Scoring server: up to %d requests may now wait for a shared batch at once.", executor._max_workers)
     return True
 
 

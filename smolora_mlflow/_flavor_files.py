@@ -61,8 +61,14 @@ def read_flavor_conf(model_root: str | Path) -> dict[str, Any]:
     costs several milliseconds per load, and the pyfunc loader would otherwise parse the file twice.
     """
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with open(Path(model_root) / MLMODEL_FILE_NAME, encoding="utf-8") as f:
-        flavors = (yaml.load(f, Loader=loader) or {}).get("flavors") or {}
+    path = Path(model_root) / MLMODEL_FILE_NAME
+    if not path.is_file():
+        raise MlflowException(f"`{model_root}` holds no {MLMODEL_FILE_NAME} file; it is not an MLflow model.",
+                              error_code=RESOURCE_DOES_NOT_EXIST)
+    with open(path, encoding="utf-8") as f:
+        document = yaml.load(f, Loader=loader)
+    flavors = document.get("flavors") if isinstance(document, dict) else None
+    flavors = flavors if isinstance(flavors, dict) else {}
     if FLAVOR_NAME not in flavors:
         raise MlflowException(
             f"The model at `{model_root}` has no `{FLAVOR_NAME}` flavor (it has {sorted(flavors)}); load it "

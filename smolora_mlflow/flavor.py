@@ -322,14 +322,19 @@ class _SmoloraPyfuncWrapper:
         self.max_prompts_per_request = int(max_prompts_per_request)
         self.max_prompt_chars = int(max_prompt_chars)
         self._tokenizer_lock = threading.Lock()
-        # In `mlflow models serve` a lone request waits for company for 5 ms or 5% of a generate call,
-        # whichever is longer (requests sent together reach predict up to ~10 ms apart after MLflow's
-        # parsing); a direct predict call runs at once unless calls have been coalescing.
+        # Unset, the wait adapts: in `mlflow models serve` a lone request waits for company for 5 ms or 5%
+        # of a generate call, whichever is longer (requests sent together reach predict up to ~10 ms apart
+        # after MLflow's parsing), 15 ms while requests have been coalescing; a direct predict call runs at
+        # once unless calls have been coalescing. A number fixes the quiet gap; 0 never waits.
         in_server = SCORING_SERVER_ENV in os.environ
         if coalesce_window_ms is None:
-            coalesce_window_ms = 5.0 if in_server else 0.0
-        self._batcher = RequestBatcher(self._run_batch, window_s=float(coalesce_window_ms) / 1000,
-                                       max_batch_size=int(max_batch_size), wait_fraction=0.05 if in_server else 0.0)
+            self._batcher = RequestBatcher(self._run_batch, window_s=0.005 if in_server else 0.0,
+                                           max_batch_size=int(max_batch_size),
+                                           wait_fraction=0.05 if in_server else 0.0)
+        else:
+            gap = float(coalesce_window_ms) / 1000
+            self._batcher = RequestBatcher(self._run_batch, window_s=gap, busy_window_s=gap,
+                                           max_batch_size=int(max_batch_size))
         self._server_threads = int(max_batch_size if server_threads is None else server_threads) if in_server else 0
         count_tokens(tokenizer, "warm up")  # settle the fast tokenizer's state before threads share it
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import mmap
 import os
 import warnings
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from smolora_mlflow.config import DEMO_MODEL
 
 logger = logging.getLogger(__name__)
 
-_SLICE = 256 << 20  # bytes hashed per C call (bounded so a huge file does not pin its pages at once)
+_BLOCK = 16 << 20  # bytes read and hashed per call
 
 
 def cache_root() -> Path:
@@ -76,19 +75,24 @@ def weights_sha256(model_dir: str | os.PathLike) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, hashed through a memory map in large slices.
+    """sha256 of a file."""
+    with open(path, "rb", buffering=0) as f:
+        return sha256_of_open_file(f)
 
-    Each slice is one C call that leaves the GIL, so a hash running in a helper thread really overlaps
-    a model load on the main thread (1 MiB reads gave the GIL back and forth and serialised the two).
+
+def sha256_of_open_file(f) -> str:
+    """sha256 of an open binary file from its current position, read in 16 MiB blocks.
+
+    Large blocks keep the GIL free for long stretches (``readinto`` and ``update`` both leave it), so a
+    hash in a helper thread really overlaps a model load on the main thread; 1 MiB reads handed the GIL
+    back and forth and serialised the two. Plain reads, not a memory map: a file truncated while it is
+    hashed gives a wrong hash (and a clear error), never a SIGBUS that kills the process.
     """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return h.hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
-            for start in range(0, size, _SLICE):
-                h.update(view[start : start + _SLICE])
+    buf = bytearray(_BLOCK)
+    with memoryview(buf) as view:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

@@ -36,13 +36,13 @@ def test_leader_keeps_waiting_while_requests_keep_arriving():
         time.sleep(0.1)
     for t in threads:
         t.join(timeout=30)
-    assert calls == [["a", "b", "c"]]
+    assert [sorted(c) for c in calls] == [["a", "b", "c"]]
     assert results == {"a": ["A"], "b": ["B"], "c": ["C"]}
     assert batcher.stats.coalesced_requests == 3
 
 
 def test_different_params_and_seeded_sampling_never_share_a_batch():
-    batcher, calls = _recording_batcher(window_s=0.3)
+    batcher, calls = _recording_batcher(window_s=0.3, max_wait_s=5.0)
     barrier = threading.Barrier(3)
     params = [{"max_new_tokens": 4}, {"max_new_tokens": 8}, {"do_sample": True, "seed": 1}]
 
@@ -62,7 +62,7 @@ def test_errors_reach_every_member_of_the_batch():
     def run(prompts, params):
         raise ValueError(f"bad batch of {len(prompts)}")
 
-    batcher = RequestBatcher(run, window_s=0.3)
+    batcher = RequestBatcher(run, window_s=0.3, max_wait_s=5.0)
     errors: list[str] = []
     barrier = threading.Barrier(2)
 
@@ -121,7 +121,7 @@ def test_the_wait_scales_with_how_long_a_batch_takes():
     threads[1].start()
     for t in threads:
         t.join(timeout=30)
-    assert calls == [["warm"], ["a", "b"]]
+    assert [sorted(c) for c in calls] == [["warm"], ["a", "b"]]
 
 
 def test_log_level_from_environment(monkeypatch):
@@ -145,3 +145,31 @@ def test_log_level_from_environment(monkeypatch):
     finally:
         package_logger.setLevel(before[0])
         package_logger.handlers[:] = before[1]
+
+
+def test_a_gap_longer_than_the_cap_is_honoured():
+    batcher, calls = _recording_batcher(window_s=0.5)  # max_wait_s stays at its 50 ms default
+    first = threading.Thread(target=batcher.submit, args=(["a"], {}))
+    first.start()
+    time.sleep(0.15)
+    batcher.submit(["b"], {})
+    first.join(timeout=30)
+    assert [sorted(c) for c in calls] == [["a", "b"]]
+
+
+def test_a_leader_interrupted_while_waiting_releases_its_group():
+    class Interrupt(BaseException):
+        pass
+
+    def interrupting_sleep(_seconds):
+        raise Interrupt
+
+    batcher, calls = _recording_batcher(window_s=0.5)
+    batcher._wait_for_company = lambda group: interrupting_sleep(0)
+    with pytest.raises(Interrupt):
+        batcher.submit(["a"], {})
+    del batcher._wait_for_company  # back to the real wait
+    done = threading.Event()
+    threading.Thread(target=lambda: (batcher.submit(["b"], {}), done.set()), daemon=True).start()
+    assert done.wait(timeout=30), "a later request with the same params hung on the dead group"
+    assert calls == [["b"]]

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import shutil
+import threading
+import time
 
 import pytest
 
@@ -43,6 +45,7 @@ def test_a_rewritten_file_is_hashed_again_even_with_its_old_mtime(tmp_path, cach
     f.write_bytes(b'{"a": 1}')
     before = os.stat(f)
     _verified.sha256(f)
+    time.sleep(0.05)  # past a coarse timestamp tick (4-10 ms on older kernels), which the 2 s guard covers
     f.write_bytes(b'{"a": 2}')  # same size
     os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime set back; ctime cannot be
     assert _verified.sha256(f) == hashlib.sha256(b'{"a": 2}').hexdigest()
@@ -96,8 +99,34 @@ def test_tampering_after_a_remembered_load_is_still_refused(tmp_path, cache, dem
     target = path / "model" / "model.safetensors"
     data = bytearray(target.read_bytes())
     data[-1] ^= 0xFF  # flip one byte of the last tensor, keep size and mtime
+    time.sleep(0.05)
     st = os.stat(target)
     target.write_bytes(bytes(data))
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(MlflowException, match=r"model\.safetensors` does not match the sha256"):
         mlflow.pyfunc.load_model(str(path))
+
+
+def test_malformed_record_entries_are_ignored(tmp_path, cache):
+    f = tmp_path / "r.bin"
+    f.write_bytes(b"r")
+    _verified.sha256(f)
+    (key,) = _records(cache)
+    for bad in (5, [1, 2, 3], [1, 2, 3, 4], ["1", 2, 3, "f" * 64]):
+        cache.write_text(json.dumps({key: bad}))
+        _verified._memory.clear()
+        assert _verified.sha256(f) == hashlib.sha256(b"r").hexdigest()
+
+
+def test_a_file_truncated_while_hashed_gives_a_wrong_hash_not_a_crash(tmp_path, monkeypatch):
+    from smolora_mlflow import modelio
+
+    monkeypatch.setattr(modelio, "_BLOCK", 1 << 16)  # many reads, so the truncation lands mid-hash
+    f = tmp_path / "big.bin"
+    f.write_bytes(os.urandom(64 << 20))
+    full = hashlib.sha256(f.read_bytes()).hexdigest()
+    cut = threading.Timer(0.01, lambda: os.truncate(f, 1 << 20))
+    cut.start()
+    got = modelio.file_sha256(f)
+    cut.join()
+    assert got != full or os.path.getsize(f) == 1 << 20  # the process is alive; a cut file never matches
