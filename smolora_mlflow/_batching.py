@@ -138,10 +138,13 @@ class RequestBatcher:
     def _wait_for_company(self, group: _Group) -> None:
         """Sleep in gaps while the group keeps growing; stop at a quiet gap, a full group or max_wait_s."""
         busy = time.monotonic() - self._last_coalesced < self.busy_memory_s
-        gap = max(self.window_s, self.busy_window_s if busy else 0.0, self.wait_fraction * self._batch_s)
+        configured = max(self.window_s, self.busy_window_s if busy else 0.0)
+        # The learned gap stays under the cap (one 60 s generation must not make the next lone request wait
+        # 3 s); a configured gap longer than the cap wins.
+        gap = max(configured, min(self.wait_fraction * self._batch_s, self.max_wait_s))
         if not gap:
             return
-        deadline = time.monotonic() + max(self.max_wait_s, gap)  # a configured gap longer than the cap wins
+        deadline = time.monotonic() + max(self.max_wait_s, configured)
         seen = 0
         while time.monotonic() < deadline:
             with self._state_lock:
