@@ -249,7 +249,7 @@ def launch_mlflow_server(backend_uri: str, artifacts_dir: str | os.PathLike, log
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if app_name:
         cmd += ["--app-name", app_name]
-    return _launch(cmd, port, log_path, env=env)
+    return launch_server(cmd, port, log_path, env=env)
 
 
 def start_model_server(model_uri: str | os.PathLike, log_path: str | os.PathLike, *, cwd=None,
@@ -258,12 +258,14 @@ def start_model_server(model_uri: str | os.PathLike, log_path: str | os.PathLike
     port = _free_port()
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_uri), "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port)]
-    server = _launch(cmd, port, log_path, env=env, cwd=cwd)
+    server = launch_server(cmd, port, log_path, env=env, cwd=cwd)
     server.wait("/ping", timeout)
     return server
 
 
-def _launch(cmd: list[str], port: int, log_path, *, env=None, cwd=None) -> MlflowServer:
+def launch_server(cmd: list[str], port: int, log_path, *, env=None, cwd=None) -> MlflowServer:
+    """Start ``cmd`` (a server listening on ``port``) in its own process group; ``env`` adds to a
+    copy of this environment without the client-side MLflow settings."""
     server_env = {k: v for k, v in os.environ.items() if k not in _CLIENT_ENV}
     server_env.update(env or {})
     log = Path(log_path)

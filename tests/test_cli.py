@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from servers import launch_server
 
 from smolora_mlflow.cli import build_config, main, parse_args
 
@@ -422,29 +422,14 @@ def test_serve_starts_a_server_that_answers(store, tmp_path):
     import requests
 
     port = free_port()
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "smolora_mlflow", "serve", "smolora-demo", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    client_store = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if k in os.environ}
+    server = launch_server([sys.executable, "-m", "smolora_mlflow", "serve", "smolora-demo", "-p", str(port)],
+                           port, tmp_path / "serve.log", env={**client_store, "PYTHONPATH": str(ROOT)})
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            with contextlib.suppress(requests.ConnectionError):
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).status_code == 200:
-                    break
-            assert time.time() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(1)
+        server.wait("/ping", timeout=240)
         reply = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
                               json={"inputs": ["The food was"], "params": {"max_new_tokens": 4}})
         assert reply.status_code == 200, reply.text
         assert isinstance(reply.json()["predictions"][0]["generated_text"], str)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        server.stop()

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -21,10 +19,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import requests
-from conftest import free_port
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from servers import start_mlflow_server
 
 from smolora_mlflow import constants as C
 from smolora_mlflow import registry as R
@@ -456,45 +453,21 @@ def test_concurrent_registration_and_transitions_lose_nothing(store, tmp_path):
 @pytest.fixture
 def mlflow_server(tmp_path, monkeypatch):
     """A real `mlflow server` on a free port with a SQLite store; its process group is always killed."""
-    port = free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(f"sqlite:///{tmp_path / 's.db'}", tmp_path / "artifacts", tmp_path / "server.log",
+                                 timeout=120)
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.time() < deadline, "mlflow server did not become healthy"
-            time.sleep(0.5)
         for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-            monkeypatch.setenv(var, url)
+            monkeypatch.setenv(var, server.url)
         monkeypatch.chdir(tmp_path)
-        mlflow.set_tracking_uri(url)
-        mlflow.set_registry_uri(url)
-        yield url
+        mlflow.set_tracking_uri(server.url)
+        mlflow.set_registry_uri(server.url)
+        yield server.url
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        server.stop()
 
 
-@pytest.mark.slow
 def test_core_scenario_against_a_tracking_server(mlflow_server):
     run1, _ = train_run("v1", 0.9, card="# served card\n")
     run2, _ = train_run("v2", 1.1)
