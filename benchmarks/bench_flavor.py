@@ -110,7 +110,7 @@ def bench_load(model_dir: Path, root: Path, reps: int) -> None:
         info = flavor.log_model(name="model", model_dir=model_dir, registered_model_name="bench-flavor",
                                 pip_requirements=PIP)
     files = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "model"
-    time.sleep(2.1)  # hashes of files written in the last 2 s are not remembered (see smolora_mlflow._verified)
+    time.sleep(2.1)  # hashes of files written in the last 2 s are not remembered (see smolora_mlflow.models.verified)
 
     def raw_load():
         return AutoModelForCausalLM.from_pretrained(files), AutoTokenizer.from_pretrained(files)
@@ -191,7 +191,7 @@ def bench_sizes(model_dir: Path, root: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from smolora_mlflow import flavor
-    from smolora_mlflow.modelio import quiet_upstream_deprecations
+    from smolora_mlflow.models.io import quiet_upstream_deprecations
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server
     from smolora_mlflow import flavor
-    from smolora_mlflow.demo import demo_model_path
+    from smolora_mlflow.models.demo import demo_model_path
 
     model_dir = Path(args.model_dir) if args.model_dir else demo_model_path()
     print(f"model: {model_dir}  reps: {args.reps}  max_new_tokens: {args.max_new_tokens}  threads: {args.threads}",

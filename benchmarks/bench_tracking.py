@@ -47,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import TrainerCallback
 
-from smolora_mlflow import SmoLoRA, SmoloraConfig, modelio, tracking, tracking_callback
+from smolora_mlflow import SmoLoRA, SmoloraConfig, tracking
+from smolora_mlflow.models import io as modelio
+from smolora_mlflow.tracking import callback as tracking_callback
 from smolora_mlflow.train import get_sft_config
 
 MODES = ("untracked", "stock", "smolora")

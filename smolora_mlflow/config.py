@@ -332,6 +332,21 @@ def _range_problems(cfg: SmoloraConfig) -> list[str]:
 # string overrides (CLI flags, `mlflow run -P key=value`)
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_bool(name: str, raw: Any) -> bool:
+    """``true/false/yes/no/on/off/1/0`` (as ``mlflow run -P`` passes them) to a bool, else ConfigError."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError([f"`{name}` must be true or false, got {raw!r}."])
+
+
 def coerce(name: str, raw: Any) -> Any:
     """Turn a command-line string into the type of field ``name``; raise ConfigError if it can't."""
     if name not in _FIELDS:
@@ -345,12 +360,7 @@ def coerce(name: str, raw: Any) -> Any:
     origin = typing.get_origin(tp)
     try:
         if tp is bool:
-            lowered = text.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
+            return parse_bool(name, text)
         if tp is int:
             as_float = float(text)
             if not as_float.is_integer():

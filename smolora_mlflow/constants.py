@@ -18,6 +18,28 @@ TAG_CHECKPOINT_DIR = "smolora.checkpoint_dir"
 TAG_ADAPTER_SIZE = "smolora.adapter_size_bytes"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_NOTE = "mlflow.note.content"
+TAG_ERROR = "smolora.error"  # why a run failed
+ARTIFACT_ERROR = "error.txt"  # the traceback of a failed run
+
+# Pipeline and evaluation run tags.
+TAG_STEP = "smolora.step"  # pipeline, evaluate
+TAG_TRAIN_RUN_ID = "smolora.train_run_id"  # on a pipeline's parent run
+TAG_EVAL_RUN_ID = "smolora.eval_run_id"
+TAG_PIPELINE_RUN_ID = "smolora.pipeline_run_id"
+TAG_MODEL_URI = "smolora.model_uri"
+TAG_REGISTERED_MODEL = "smolora.registered_model"
+TAG_REGISTERED_VERSION = "smolora.registered_version"
+TAG_PROMOTION = "smolora.promotion"
+TAG_EVALUATED_MODEL = "smolora.evaluated_model"
+TAG_EVAL_SPLIT = "smolora.eval_split"
+
+# Registered model version tags.
+TAG_RUN_ID = "smolora.run_id"
+TAG_MODEL_ID = "smolora.model_id"  # MLflow's SQL store does not keep ModelVersion.model_id
+PARAM_TAG_PREFIX = "smolora.param."
+METRIC_TAG_PREFIX = "smolora.metric."
+TRANSITION_TAG_PREFIX = "smolora.transition."
+PROMOTION_TAG_PREFIX = "smolora.promotion."
 
 # Metrics.
 METRIC_LOSS = "loss"

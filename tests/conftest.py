@@ -38,7 +38,7 @@ def smolora_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_model_dir(smolora_cache) -> Path:
     """The built-in offline demo base model, loaded through its real from_pretrained path."""
-    from smolora_mlflow.demo import demo_model_path
+    from smolora_mlflow.models.demo import demo_model_path
 
     return demo_model_path(smolora_cache)
 

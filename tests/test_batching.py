@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from smolora_mlflow._batching import SCORING_SERVER_ENV, RequestBatcher, widen_scoring_server_pool
+from smolora_mlflow.flavor.batching import SCORING_SERVER_ENV, RequestBatcher, widen_scoring_server_pool
 
 
 def _recording_batcher(**kwargs) -> tuple[RequestBatcher, list[list[str]]]:
@@ -129,7 +129,7 @@ def test_log_level_from_environment(monkeypatch):
 
     from mlflow.exceptions import MlflowException
 
-    from smolora_mlflow._batching import log_to_stderr_if_asked
+    from smolora_mlflow.flavor.batching import log_to_stderr_if_asked
 
     monkeypatch.setenv("SMOLORA_LOG_LEVEL", "loud")
     with pytest.raises(MlflowException, match="must be one of DEBUG, INFO, WARNING, ERROR, got 'LOUD'"):

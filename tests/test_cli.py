@@ -328,7 +328,7 @@ def test_debug_shows_the_traceback(store, argv):
 def test_summary_links_runs_to_the_ui_of_an_http_tracking_server(monkeypatch):
     import mlflow
 
-    from smolora_mlflow import _commands
+    from smolora_mlflow.cli import commands as _commands
 
     class Client:
         def get_run(self, run_id):

@@ -17,7 +17,7 @@ from smolora_mlflow.data import (
     mlflow_dataset,
     prepare_data,
 )
-from smolora_mlflow.demo import demo_texts
+from smolora_mlflow.models.demo import demo_texts
 
 CHATS = [
     {

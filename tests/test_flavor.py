@@ -26,7 +26,7 @@ def _save(path, model_dir=None, **kw):
 def _native(model_dir, prompts, **params):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smolora_mlflow.generation import generate
+    from smolora_mlflow.models.generation import generate
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return generate(model, AutoTokenizer.from_pretrained(model_dir), prompts, **params)
@@ -51,7 +51,7 @@ def lora_dirs(tmp_path_factory, demo_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smolora_mlflow.modelio import quiet_upstream_deprecations
+    from smolora_mlflow.models.io import quiet_upstream_deprecations
 
     root = tmp_path_factory.mktemp("lora")
     torch.manual_seed(0)
@@ -150,7 +150,7 @@ def test_log_model_and_load_from_runs_uri(tracking_uri, demo_model_dir):
         got = mlflow.pyfunc.load_model(uri).predict({"prompt": PROMPTS[:2]}, params={"max_new_tokens": 6})
         assert got["generated_text"].tolist() == expected
     model, tok = flavor.load_model(f"runs:/{run.info.run_id}/model", device="cpu")
-    from smolora_mlflow.generation import generate
+    from smolora_mlflow.models.generation import generate
 
     assert generate(model, tok, PROMPTS[:2], max_new_tokens=6) == expected
 

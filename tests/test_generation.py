@@ -32,7 +32,7 @@ def tiny(tiny_llama_dir):
 
 @pytest.mark.parametrize("which", ["demo", "tiny"])
 def test_batch_equals_single_greedy(which, request):
-    from smolora_mlflow.generation import generate
+    from smolora_mlflow.models.generation import generate
 
     model, tok = request.getfixturevalue(which)
     single = [generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
@@ -46,7 +46,7 @@ def test_batch_equals_single_greedy(which, request):
 
 
 def test_greedy_ids_match_plain_transformers(tiny):
-    from smolora_mlflow.generation import generate
+    from smolora_mlflow.models.generation import generate
 
     model, tok = tiny
     enc = tok("The food was", return_tensors="pt")
@@ -57,7 +57,7 @@ def test_greedy_ids_match_plain_transformers(tiny):
 
 @pytest.mark.parametrize("which", ["demo", "tiny"])
 def test_stream_pieces_join_to_generate(which, request):
-    from smolora_mlflow.generation import generate, stream
+    from smolora_mlflow.models.generation import generate, stream
 
     model, tok = request.getfixturevalue(which)
     for prompt in PROMPTS[:3]:
@@ -67,7 +67,7 @@ def test_stream_pieces_join_to_generate(which, request):
 
 
 def test_stream_holds_the_lock_and_reraises_errors(tiny):
-    from smolora_mlflow.generation import stream
+    from smolora_mlflow.models.generation import stream
 
     model, tok = tiny
     lock = threading.Lock()
@@ -81,7 +81,7 @@ def test_stream_holds_the_lock_and_reraises_errors(tiny):
 
 
 def test_return_full_text(tiny):
-    from smolora_mlflow.generation import generate, stream
+    from smolora_mlflow.models.generation import generate, stream
 
     model, tok = tiny
     short = generate(model, tok, PROMPTS, max_new_tokens=6)
@@ -91,7 +91,7 @@ def test_return_full_text(tiny):
 
 
 def test_seeded_sampling_is_reproducible(tiny):
-    from smolora_mlflow.generation import generate
+    from smolora_mlflow.models.generation import generate
 
     model, tok = tiny
     kw = {"max_new_tokens": 16, "do_sample": True, "temperature": 1.5, "top_k": 0, "top_p": 1.0}
@@ -105,7 +105,7 @@ def test_seeded_sampling_is_reproducible(tiny):
 
 
 def test_bad_arguments(tiny):
-    from smolora_mlflow.generation import generate, resolve_params
+    from smolora_mlflow.models.generation import generate, resolve_params
 
     model, tok = tiny
     assert generate(model, tok, []) == []
@@ -120,7 +120,7 @@ def test_bad_arguments(tiny):
 def test_format_chat(demo_model_dir):
     from transformers import AutoTokenizer
 
-    from smolora_mlflow.generation import format_chat
+    from smolora_mlflow.models.generation import format_chat
 
     tok = AutoTokenizer.from_pretrained(demo_model_dir)
     text = format_chat(tok, [{"role": "user", "content": "Hi"}])
@@ -138,7 +138,7 @@ def test_format_chat(demo_model_dir):
 def test_resolve_device():
     import torch
 
-    from smolora_mlflow.generation import resolve_device
+    from smolora_mlflow.models.generation import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else None

@@ -9,8 +9,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from smolora_mlflow.merge import BASE_INFO_FILE, AdapterMismatchError, merge_adapter
-from smolora_mlflow.modelio import weights_sha256
+from smolora_mlflow.models.adapters import BASE_INFO_FILE, AdapterMismatchError
+from smolora_mlflow.models.verified import weights_sha256
+from smolora_mlflow.train.merge import merge_adapter
 
 
 def _random_adapter(base_dir, out, *, seed=0, targets=("q_proj", "v_proj"), record_base=True):

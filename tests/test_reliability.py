@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from smolora_mlflow.checkpoints import MARKER_FILE, read_run_id
+from smolora_mlflow.train.checkpoints import MARKER_FILE, read_run_id
 
 pytestmark = pytest.mark.slow
 

@@ -49,7 +49,7 @@ def model_path(tmp_path_factory, demo_model_dir) -> Path:
 def expected(demo_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smolora_mlflow.generation import generate
+    from smolora_mlflow.models.generation import generate
 
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir)
     tok = AutoTokenizer.from_pretrained(demo_model_dir)

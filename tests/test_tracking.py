@@ -197,7 +197,7 @@ def test_dataset_inputs(core):
 
 def test_lineage_tags(core, demo_model_dir):
     from smolora_mlflow.data import prepare_data
-    from smolora_mlflow.modelio import weights_sha256
+    from smolora_mlflow.models.verified import weights_sha256
 
     tags = core["run"].data.tags
     assert tags[C.TAG_BASE_MODEL] == "smolora:demo"
@@ -374,7 +374,7 @@ def test_attaches_to_the_run_mlflow_run_made_without_param_collisions(use_store,
 def test_list_params_stay_lossless_and_uri_credentials_stay_out():
     from types import SimpleNamespace
 
-    from smolora_mlflow.run_record import config_yaml, flat_params
+    from smolora_mlflow.tracking.record import config_yaml, flat_params
 
     data = SimpleNamespace(format="text", num_train=10, num_eval=0)
     prompts = ["Hello, world", "plain"]
@@ -386,7 +386,7 @@ def test_list_params_stay_lossless_and_uri_credentials_stay_out():
 
 
 def test_metric_buffer_skips_held_steps_and_drops_non_finite_values(tracking_uri):
-    from smolora_mlflow.tracking_callback import MetricBuffer
+    from smolora_mlflow.tracking.callback import MetricBuffer
 
     client = mlflow.MlflowClient()
     run_id = client.create_run(client.create_experiment("buffer")).info.run_id

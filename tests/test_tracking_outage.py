@@ -17,7 +17,7 @@ from servers import start_mlflow_server
 from transformers import TrainerCallback
 
 from smolora_mlflow import SmoLoRA, SmoloraConfig
-from smolora_mlflow.tracking_outbox import OUTBOX_FILE
+from smolora_mlflow.tracking.outbox import OUTBOX_FILE
 
 pytestmark = pytest.mark.slow
 

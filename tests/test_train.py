@@ -9,8 +9,8 @@ import torch
 from transformers import TrainerCallback
 
 from smolora_mlflow import SmoLoRA, SmoloraConfig
-from smolora_mlflow.checkpoints import MARKER_FILE, list_checkpoints, resolve_resume
 from smolora_mlflow.train import get_lora_config, get_sft_config
+from smolora_mlflow.train.checkpoints import MARKER_FILE, list_checkpoints, resolve_resume
 
 TINY = {
     "max_length": 32,
@@ -195,7 +195,7 @@ def test_not_a_causal_lm_is_refused(tmp_path):
     bert = tmp_path / "bert"
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
                          vocab_size=100)).save_pretrained(bert)
-    from smolora_mlflow.modelio import load_causal_lm
+    from smolora_mlflow.models.io import load_causal_lm
 
     with pytest.raises(ValueError, match="not a causal language model"):
         load_causal_lm(str(bert))

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from smolora_mlflow import _verified
+from smolora_mlflow.models import hashing
+from smolora_mlflow.models import verified as _verified
 
 
 @pytest.fixture
@@ -119,14 +120,12 @@ def test_malformed_record_entries_are_ignored(tmp_path, cache):
 
 
 def test_a_file_truncated_while_hashed_gives_a_wrong_hash_not_a_crash(tmp_path, monkeypatch):
-    from smolora_mlflow import modelio
-
-    monkeypatch.setattr(modelio, "_BLOCK", 1 << 16)  # many reads, so the truncation lands mid-hash
+    monkeypatch.setattr(hashing, "_BLOCK", 1 << 16)  # many reads, so the truncation lands mid-hash
     f = tmp_path / "big.bin"
     f.write_bytes(os.urandom(64 << 20))
     full = hashlib.sha256(f.read_bytes()).hexdigest()
     cut = threading.Timer(0.01, lambda: os.truncate(f, 1 << 20))
     cut.start()
-    got = modelio.file_sha256(f)
+    got = hashing.file_sha256(f)
     cut.join()
     assert got != full or os.path.getsize(f) == 1 << 20  # the process is alive; a cut file never matches

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from smolora_mlflow.generation import GENERATION_DEFAULTS, format_chat
+from smolora_mlflow.models.generation import GENERATION_DEFAULTS, format_chat
 
 PROMPT_COLUMN = "prompt"
 OUTPUT_COLUMN = "generated_text"

@@ -33,12 +33,13 @@ from mlflow.utils.environment import (
 )
 from mlflow.utils.file_utils import write_to
 
-from smolora_mlflow import _verified as verified
-from smolora_mlflow._flavor_inputs import OUTPUT_COLUMN, PARAM_TYPES, PROMPT_COLUMN, validate_params
 from smolora_mlflow.config import DEMO_MODEL
 from smolora_mlflow.constants import FLAVOR_NAME
-from smolora_mlflow.generation import GENERATION_DEFAULTS
-from smolora_mlflow.modelio import file_sha256, weights_sha256
+from smolora_mlflow.flavor.inputs import OUTPUT_COLUMN, PARAM_TYPES, PROMPT_COLUMN, validate_params
+from smolora_mlflow.models import verified
+from smolora_mlflow.models.generation import GENERATION_DEFAULTS
+from smolora_mlflow.models.hashing import file_sha256
+from smolora_mlflow.models.verified import weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ def local_base_dir(base_model: str | None) -> Path | None:
     if not base_model:
         return None
     if base_model == DEMO_MODEL:
-        from smolora_mlflow.demo import demo_model_path
+        from smolora_mlflow.models.demo import demo_model_path
 
         return demo_model_path()
     p = Path(base_model).expanduser()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smolora_mlflow.config import SmoloraConfig
-from smolora_mlflow.data_sources import (  # noqa: F401 - DataError and load_raw are part of this API
+from smolora_mlflow.data.sources import (  # noqa: F401 - DataError and load_raw are part of this API
     CHAT_ROLES,
     DIGEST_ROWS,
     IN_MEMORY,
@@ -41,7 +41,7 @@ from smolora_mlflow.data_sources import (  # noqa: F401 - DataError and load_raw
     require_columns,
     resolve_source,
 )
-from smolora_mlflow.demo import DEMO_CORPUS, is_demo_dataset
+from smolora_mlflow.models.demo import DEMO_CORPUS, is_demo_dataset
 
 if TYPE_CHECKING:
     import datasets

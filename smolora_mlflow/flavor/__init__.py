@@ -54,30 +54,31 @@ from mlflow.utils.model_utils import (
 )
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-from smolora_mlflow import _flavor_files as files
-from smolora_mlflow._batching import (
+from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
+from smolora_mlflow.flavor import files
+from smolora_mlflow.flavor.batching import (
     SCORING_SERVER_ENV,
     RequestBatcher,
     log_to_stderr_if_asked,
     widen_scoring_server_pool,
 )
-from smolora_mlflow._flavor_inputs import (
+from smolora_mlflow.flavor.inputs import (
     OUTPUT_COLUMN,
     check_prompt_lengths,
     check_request_size,
     to_prompts,
     validate_params,
 )
-from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
-from smolora_mlflow.generation import count_tokens, generate, resolve_device, stream
-from smolora_mlflow.modelio import quiet_upstream_deprecations, weights_sha256
+from smolora_mlflow.models.generation import count_tokens, generate, resolve_device, stream
+from smolora_mlflow.models.io import quiet_upstream_deprecations
+from smolora_mlflow.models.verified import weights_sha256
 
 __all__ = ["FLAVOR_NAME", "get_default_conda_env", "get_default_pip_requirements", "load_model",
            "log_model", "save_model", "weights_sha256"]
 
 _logger = logging.getLogger(__name__)
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def get_default_pip_requirements(mode: str = "merged") -> list[str]:

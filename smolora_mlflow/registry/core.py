@@ -10,7 +10,6 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,8 +20,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from smolora_mlflow import constants as C
+from smolora_mlflow.constants import (
+    METRIC_TAG_PREFIX,
+    PARAM_TAG_PREFIX,
+    TAG_MODEL_ID,
+    TAG_RUN_ID,
+    TRANSITION_TAG_PREFIX,
+)
+from smolora_mlflow.refs import ModelRef
 
-_logger = logging.getLogger("smolora_mlflow.registry")
+_logger = logging.getLogger(__name__)
 
 STAGES = ("None", "Staging", "Production", "Archived")
 STAGE_ALIASES = {"Staging": "staging", "Production": "production"}
@@ -32,17 +39,10 @@ LEGAL_TRANSITIONS: dict[str, tuple[str, ...]] = {
     "Production": ("Staging", "Archived"),
     "Archived": ("Staging", "Production"),
 }
-TAG_RUN_ID = "smolora.run_id"
-TAG_MODEL_ID = "smolora.model_id"  # MLflow's SQL store does not keep ModelVersion.model_id
-PARAM_TAG_PREFIX = "smolora.param."
-METRIC_TAG_PREFIX = "smolora.metric."
-TRANSITION_TAG_PREFIX = "smolora.transition."
-PROMOTION_TAG_PREFIX = "smolora.promotion."
 LINEAGE_PARAMS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 KEY_METRICS = (C.METRIC_TRAIN_LOSS, C.METRIC_EVAL_LOSS, C.METRIC_EVAL_PERPLEXITY, C.METRIC_LOSS)
 LINEAGE_TAGS = (C.TAG_BASE_MODEL, C.TAG_BASE_MODEL_REVISION, C.TAG_BASE_MODEL_SHA256, C.TAG_DATASET,
                 C.TAG_DATASET_FINGERPRINT, C.TAG_GIT_COMMIT)
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def bad(msg: str) -> MlflowException:
@@ -156,24 +156,23 @@ def _find_logged_model(client: MlflowClient, run_id: str, wanted: str | None):
                   f"{', '.join(names) or 'none'}. Pass runs:/{run_id}/<name> or models:/<model_id>.")
 
 
-def logged_source(client: MlflowClient, ref: str) -> tuple[str, str | None, str | None, str]:
-    """``(source, run_id, model_id, artifact_uri)`` of a run id, ``runs:/``, ``m-`` id or plain URI.
+def logged_source(client: MlflowClient, ref: ModelRef) -> tuple[str, str | None, str | None, str]:
+    """``(source, run_id, model_id, artifact_uri)`` of a run, logged-model or plain-URI reference.
 
     ``models:/<name>/...`` references to registered versions are resolved by the caller.
     """
-    if ref.startswith("runs:/") or _RUN_ID.match(ref):
-        run_id, _, path = ref.removeprefix("runs:/").strip("/").partition("/")
-        if lm := _find_logged_model(client, run_id, path or None):
-            return f"models:/{lm.model_id}", run_id, lm.model_id, lm.artifact_location
-        uri = f"runs:/{run_id}/{path or 'model'}"
-        return uri, run_id, None, f"{client.get_run(run_id).info.artifact_uri}/{path or 'model'}"
-    model_id = ref.removeprefix("models:/")
-    if model_id.startswith("m-") and "/" not in model_id:
-        lm = client.get_logged_model(model_id)
+    if ref.kind == "run":
+        path = ref.artifact_path
+        if lm := _find_logged_model(client, ref.run_id, path):
+            return f"models:/{lm.model_id}", ref.run_id, lm.model_id, lm.artifact_location
+        uri = f"runs:/{ref.run_id}/{path or 'model'}"
+        return uri, ref.run_id, None, f"{client.get_run(ref.run_id).info.artifact_uri}/{path or 'model'}"
+    if ref.kind == "logged_model":
+        lm = client.get_logged_model(ref.model_id)
         return f"models:/{lm.model_id}", lm.source_run_id, lm.model_id, lm.artifact_location
-    if "://" in ref or ref.startswith(("file:", "mlflow-artifacts:")):
-        return ref, None, None, ref
-    raise bad(f"Cannot register {ref!r}: expected runs:/<run_id>/<name>, models:/<model_id>, m-<model_id>, "
+    if ref.kind == "uri":
+        return ref.text, None, None, ref.text
+    raise bad(f"Cannot register {ref.text!r}: expected runs:/<run_id>/<name>, models:/<model_id>, m-<model_id>, "
               "models:/<name>/<version|stage>, models:/<name>@<alias> or a run id.")
 
 

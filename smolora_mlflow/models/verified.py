@@ -21,6 +21,7 @@ model's folder can already rewrite the hashes in its ``MLmodel``. ``SMOLORA_VERI
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-from smolora_mlflow.modelio import cache_root, sha256_of_open_file
+from smolora_mlflow.models.cache import cache_root
+from smolora_mlflow.models.hashing import sha256_of_open_file
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +123,20 @@ def sha256(path: str | os.PathLike) -> str:
             _entries(record)[key] = entry
             _save(record, key, entry)
     return digest
+
+
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """sha256 over every ``*.safetensors`` file of a folder, in name order (names are hashed too).
+
+    Each file's hash is remembered against its inode and change stamps (see :func:`sha256`), so a base
+    model checked once is not hashed again at every training start or adapter load.
+    """
+    root = Path(model_dir)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weight files in `{root}`; only safetensors weights are supported.")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256(f).encode())
+    return h.hexdigest()

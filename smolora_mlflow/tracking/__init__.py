@@ -26,13 +26,12 @@ from pathlib import Path
 
 from smolora_mlflow import constants as C
 from smolora_mlflow.config import SmoloraConfig, redact
-from smolora_mlflow.run_record import git_commit
+from smolora_mlflow.constants import ARTIFACT_ERROR, TAG_ERROR
+from smolora_mlflow.tracking.experiments import experiment_id_for
+from smolora_mlflow.tracking.record import git_commit
 
 logger = logging.getLogger(__name__)
 
-TAG_ERROR = "smolora.error"
-ARTIFACT_ERROR = "error.txt"
-_DEFAULT_EXPERIMENT = SmoloraConfig.__dataclass_fields__["experiment_name"].default
 _BATCH = 100  # MLflow accepts at most 100 params and 100 tags in one log_batch
 
 
@@ -98,7 +97,7 @@ class RunTracker:
         """Start (or attach to) the run, yield its id, and end it FINISHED, FAILED or KILLED."""
         import mlflow
 
-        from smolora_mlflow.tracking_callback import MetricBuffer
+        from smolora_mlflow.tracking.callback import MetricBuffer
 
         if self.cfg.tracking_uri:
             mlflow.set_tracking_uri(self.cfg.tracking_uri)
@@ -130,7 +129,7 @@ class RunTracker:
         """
         import mlflow
 
-        from smolora_mlflow.tracking_outbox import Op
+        from smolora_mlflow.tracking.outbox import Op
 
         unsent = self.buffer.close()
         if not unsent:
@@ -148,7 +147,7 @@ class RunTracker:
     def _keep_unsent(self, ops, error) -> None:
         import mlflow
 
-        from smolora_mlflow.tracking_outbox import save_unsent
+        from smolora_mlflow.tracking.outbox import save_unsent
 
         path = save_unsent(self.cfg.output_dir, mlflow.get_tracking_uri(), self.run_id, ops)
         logger.warning(
@@ -171,34 +170,8 @@ class RunTracker:
             run = mlflow.start_run(run_name=self._default_run_name(), nested=True,
                                    experiment_id=active.info.experiment_id)
             return run, True, False
-        return mlflow.start_run(run_name=self._default_run_name(), experiment_id=self._experiment_id()), True, False
-
-    def _experiment_id(self) -> str | None:
-        """The configured experiment, created if needed; None lets MLflow choose (env or set_experiment).
-
-        Not ``mlflow.set_experiment``: that changes the process's active experiment and exports
-        MLFLOW_EXPERIMENT_ID, so a second training with another ``experiment_name`` would land in the first.
-        """
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-
-        name = self.cfg.experiment_name
-        if name == _DEFAULT_EXPERIMENT and (os.environ.get("MLFLOW_EXPERIMENT_ID")
-                                            or os.environ.get("MLFLOW_EXPERIMENT_NAME")):
-            return None
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            try:
-                return self.client.create_experiment(name)
-            except MlflowException as e:  # created meanwhile by another process
-                if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-                    raise
-                exp = self.client.get_experiment_by_name(name)
-        if exp.lifecycle_stage == "deleted":
-            raise MlflowException.invalid_parameter_value(
-                f"`experiment_name`={name!r} names a deleted MLflow experiment; restore it "
-                f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or choose another name.")
-        return exp.experiment_id
+        experiment_id = experiment_id_for(self.cfg.experiment_name, self.client)
+        return mlflow.start_run(run_name=self._default_run_name(), experiment_id=experiment_id), True, False
 
     def _default_run_name(self) -> str:
         cfg = self.cfg
@@ -236,7 +209,7 @@ class RunTracker:
     def _log_start(self, run) -> None:
         import mlflow
 
-        from smolora_mlflow.run_record import config_yaml, dataset_inputs, flat_params, lineage_tags
+        from smolora_mlflow.tracking.record import config_yaml, dataset_inputs, flat_params, lineage_tags
 
         self._params = dict(run.data.params)
         params, long_values = flat_params(self.cfg, self.data)
@@ -297,7 +270,7 @@ class RunTracker:
 
     # --- during training ---
     def callbacks(self) -> list:
-        from smolora_mlflow.tracking_callback import MlflowTrainingCallback
+        from smolora_mlflow.tracking.callback import MlflowTrainingCallback
 
         return [MlflowTrainingCallback(self)]
 
@@ -321,7 +294,7 @@ class RunTracker:
         """Generate on the fixed sample prompts and append the rows (with `step`) to the run's table."""
         import pandas as pd
 
-        from smolora_mlflow.generation import generate
+        from smolora_mlflow.models.generation import generate
 
         self.last_eval_step = step
         tokenizer = tokenizer or self._tokenizer
@@ -349,7 +322,7 @@ class RunTracker:
     # --- end of run ---
     def log_adapter(self, adapter_dir: Path, metrics: dict[str, float]) -> None:
         """The saved adapter, its size, the model card and the loss curve; flushes the metrics first."""
-        from smolora_mlflow.run_record import loss_curve_png, model_card
+        from smolora_mlflow.tracking.record import loss_curve_png, model_card
 
         size = sum(f.stat().st_size for f in Path(adapter_dir).glob("adapter_model*.safetensors"))
         last_step = max((s for points in self.buffer.history.values() for s, _ in points), default=0)
@@ -367,7 +340,7 @@ class RunTracker:
 
     def _put(self, kind: str, **payload) -> None:
         """Queue one write on the run's outbox (in order with the metrics; retried through outages)."""
-        from smolora_mlflow.tracking_outbox import Op
+        from smolora_mlflow.tracking.outbox import Op
 
         self.buffer.send()  # metrics logged before this write go before it
         self.buffer.outbox.put(Op(kind, payload))

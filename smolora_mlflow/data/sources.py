@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from smolora_mlflow.config import DEMO_DATASET
-from smolora_mlflow.demo import DEMO_CORPUS, is_demo_dataset
+from smolora_mlflow.models.demo import DEMO_CORPUS, is_demo_dataset
 
 if TYPE_CHECKING:
     import datasets

@@ -6,7 +6,6 @@ No peft or trl here: the flavor's loader may import this module.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import warnings
@@ -15,16 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from smolora_mlflow.config import DEMO_MODEL
+from smolora_mlflow.models.verified import weights_sha256
 
 logger = logging.getLogger(__name__)
 
-_BLOCK = 16 << 20  # bytes read and hashed per call
 
-
-def cache_root() -> Path:
-    """Where smolora keeps what it builds or learns once: ``$SMOLORA_CACHE`` or ``~/.cache/smolora_mlflow``."""
-    env = os.environ.get("SMOLORA_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "smolora_mlflow"
 
 
 def progress_enabled() -> bool:
@@ -55,51 +49,16 @@ def quiet_upstream_deprecations() -> Iterator[None]:
         yield
 
 
-def weights_sha256(model_dir: str | os.PathLike) -> str:
-    """sha256 over every ``*.safetensors`` file of a folder, in name order (names are hashed too).
-
-    Each file's hash is remembered against its inode and change stamps (see ``_verified``), so a base
-    model checked once is not hashed again at every training start or adapter load.
-    """
-    root = Path(model_dir)
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weight files in `{root}`; only safetensors weights are supported.")
-    from smolora_mlflow import _verified  # imports this module
-
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(_verified.sha256(f).encode())
-    return h.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file."""
-    with open(path, "rb", buffering=0) as f:
-        return sha256_of_open_file(f)
 
 
-def sha256_of_open_file(f) -> str:
-    """sha256 of an open binary file from its current position, read in 16 MiB blocks.
-
-    Large blocks keep the GIL free for long stretches (``readinto`` and ``update`` both leave it), so a
-    hash in a helper thread really overlaps a model load on the main thread; 1 MiB reads handed the GIL
-    back and forth and serialised the two. Plain reads, not a memory map: a file truncated while it is
-    hashed gives a wrong hash (and a clear error), never a SIGBUS that kills the process.
-    """
-    h = hashlib.sha256()
-    buf = bytearray(_BLOCK)
-    with memoryview(buf) as view:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def resolve_model_path(name: str) -> str:
     """The demo name becomes its cached folder; a local folder becomes absolute; a hub id stays as is."""
     if name == DEMO_MODEL:
-        from smolora_mlflow.demo import demo_model_path
+        from smolora_mlflow.models.demo import demo_model_path
 
         return str(demo_model_path())
     p = Path(name).expanduser()

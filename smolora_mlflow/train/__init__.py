@@ -19,10 +19,12 @@ from typing import Any
 
 from transformers.trainer_callback import ProgressCallback
 
-from smolora_mlflow import checkpoints, generation, modelio
 from smolora_mlflow.config import SmoloraConfig
 from smolora_mlflow.data import PreparedData, prepare_data
-from smolora_mlflow.merge import BASE_INFO_FILE
+from smolora_mlflow.models import generation
+from smolora_mlflow.models import io as modelio
+from smolora_mlflow.models.adapters import BASE_INFO_FILE
+from smolora_mlflow.train import checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +234,7 @@ class SmoLoRA:
     # --- merge and load ---
     def save(self, path: str | os.PathLike | None = None, *, verify: bool = True) -> Path:
         """Merge the trained adapter into a freshly loaded base model and save it (safetensors + tokenizer)."""
-        from smolora_mlflow.merge import merge_adapter
+        from smolora_mlflow.train.merge import merge_adapter
 
         if not (self.adapter_dir / "adapter_config.json").is_file():
             raise RuntimeError(f"no adapter at `{self.adapter_dir}`; call train() before save().")
@@ -304,7 +306,7 @@ class SmoLoRA:
     def log_model(self, name: str = "model", *, mode: str = "merged", registered_model_name: str | None = None,
                   **kwargs: Any):
         """Log the merged (or adapter-only) model with the ``smolora`` flavor to this object's run."""
-        from smolora_mlflow.workflow import log_trained_model
+        from smolora_mlflow.train.publish import log_trained_model
 
         return log_trained_model(self, name=name, mode=mode, registered_model_name=registered_model_name,
                                  **kwargs)

@@ -44,21 +44,18 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS
 
-from smolora_mlflow import _registry_core as core
 from smolora_mlflow import constants as C
-from smolora_mlflow._registry_core import (
-    KEY_METRICS,
-    LEGAL_TRANSITIONS,
-    LINEAGE_PARAMS,
+from smolora_mlflow.constants import (
     METRIC_TAG_PREFIX,
     PARAM_TAG_PREFIX,
     PROMOTION_TAG_PREFIX,
-    STAGE_ALIASES,
-    STAGES,
     TAG_MODEL_ID,
     TAG_RUN_ID,
     TRANSITION_TAG_PREFIX,
 )
+from smolora_mlflow.refs import parse_model_ref
+from smolora_mlflow.registry import core
+from smolora_mlflow.registry.core import KEY_METRICS, LEGAL_TRANSITIONS, LINEAGE_PARAMS, STAGE_ALIASES, STAGES
 
 __all__ = [
     "KEY_METRICS", "LEGAL_TRANSITIONS", "LINEAGE_PARAMS", "METRIC_TAG_PREFIX", "PARAM_TAG_PREFIX",
@@ -89,11 +86,10 @@ class PromotionDecision:
 
 def _source(client: MlflowClient, ref: str) -> tuple[str, str | None, str | None, str]:
     """``(source, run_id, model_id, artifact_uri)``; ``models:/<name>/...`` names a registered version."""
-    body = ref.removeprefix("models:/")
-    if not ref.startswith("models:/") or (body.startswith("m-") and "/" not in body):
-        return core.logged_source(client, ref)
-    name, sep, key = body.partition("@") if "@" in body else body.partition("/")
-    mv = resolve(name, key if sep else "latest", client=client)
+    parsed = parse_model_ref(ref)
+    if parsed.kind != "registered":
+        return core.logged_source(client, parsed)
+    mv = resolve(parsed.name, parsed.key, client=client)
     model_id = mv.model_id or mv.tags.get(TAG_MODEL_ID)
     return mv.source, mv.run_id, model_id, (client.get_logged_model(model_id).artifact_location
                                             if model_id else mv.source)

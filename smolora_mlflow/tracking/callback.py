@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from smolora_mlflow import constants as C
 from smolora_mlflow.evaluation import perplexity
-from smolora_mlflow.tracking_outbox import Op, Outbox, retry_seconds
+from smolora_mlflow.tracking.outbox import Op, Outbox, retry_seconds
 
 try:
     import resource

@@ -15,10 +15,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from smolora_mlflow.constants import RUN_ID_FILE
+from smolora_mlflow.refs import is_run_id
 
 MARKER_FILE = "smolora_checkpoint.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-_RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -47,10 +47,6 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 def read_run_id(ckpt: str | os.PathLike) -> str | None:
     f = Path(ckpt) / RUN_ID_FILE
     return f.read_text(encoding="utf-8").strip() or None if f.is_file() else None
-
-
-def looks_like_run_id(value: str) -> bool:
-    return bool(_RUN_ID_RE.match(value))
 
 
 def resolve_resume(value: str | None, output_dir: str | os.PathLike, checkpoint_dir_of_run=None) -> Path | None:
@@ -85,7 +81,7 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike, checkpoint_
         if ckpts:
             return ckpts[-1]
         raise ValueError(f"`resume_from_checkpoint`: `{path}` holds no complete checkpoint-N folder.")
-    if looks_like_run_id(value) and checkpoint_dir_of_run is not None:
+    if is_run_id(value) and checkpoint_dir_of_run is not None:
         folder = checkpoint_dir_of_run(value)
         ckpts = list_checkpoints(folder) if folder else []
         if not ckpts:

@@ -6,7 +6,7 @@ is saved once with ``save_pretrained`` into a cache folder keyed by a hash of th
 of the package loads it through the ordinary ``from_pretrained(path)`` path.
 
 Example:
-    >>> from smolora_mlflow.demo import demo_model_path
+    >>> from smolora_mlflow.models.demo import demo_model_path
     >>> path = demo_model_path()          # builds in a few seconds the first time, then cached
 """
 
@@ -21,11 +21,11 @@ import tempfile
 from pathlib import Path
 
 from smolora_mlflow.config import DEMO_DATASET, DEMO_MODEL
-from smolora_mlflow.modelio import cache_root
+from smolora_mlflow.models.cache import cache_root
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DEMO_CORPUS = DATA_DIR / "reviews.jsonl"
 
 # Small enough to train in seconds on 2 CPU cores, big enough to learn the review templates.
@@ -164,7 +164,7 @@ def build_demo_model(out_dir: str | os.PathLike) -> Path:
     (out / "README.md").write_text(
         f"# {DEMO_MODEL}\n\nA randomly initialised {spec['num_hidden_layers']}-layer Llama "
         f"({sum(p.numel() for p in model.parameters()):,} parameters) with a BPE tokenizer trained on the "
-        "bundled restaurant reviews. Built offline by smolora_mlflow.demo for demos and tests.\n",
+        "bundled restaurant reviews. Built offline by smolora_mlflow.models.demo for demos and tests.\n",
         encoding="utf-8",
     )
     return out

@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base model, verify the result, save it as safetensors.
 
 Example:
-    >>> from smolora_mlflow.merge import merge_adapter
+    >>> from smolora_mlflow.train.merge import merge_adapter
     >>> report = merge_adapter("outputs/smolora/adapter", "outputs/smolora/final_merged")
     >>> report.max_abs_logit_diff < 1e-3
     True
@@ -9,23 +9,22 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from smolora_mlflow import modelio
+from smolora_mlflow.models import io as modelio
+from smolora_mlflow.models.adapters import (
+    apply_adapter,
+    check_adapter_matches_base,
+    merge_adapter_weights,
+    recorded_base,
+)
 
 logger = logging.getLogger(__name__)
 
 PROBES = ["The food was", "Our waiter was very", "Hello, my name is", "1 2 3 4"]
-BASE_INFO_FILE = "smolora_base.json"
-
-
-class AdapterMismatchError(ValueError):
-    """The adapter was trained on a different base model than the one it is being merged into."""
 
 
 @dataclass
@@ -34,39 +33,6 @@ class MergeReport:
     base_model: str
     max_abs_logit_diff: float
     probes: int
-
-
-def read_adapter_base(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """What the adapter says about its base: PEFT's ``base_model_name_or_path`` and our lineage file."""
-    adapter_dir = Path(adapter_dir)
-    cfg_file = adapter_dir / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"`{adapter_dir}` has no adapter_config.json; pass a PEFT adapter folder.")
-    info = {"peft_base": json.loads(cfg_file.read_text())["base_model_name_or_path"]}
-    ours = adapter_dir / BASE_INFO_FILE
-    if ours.is_file():
-        info.update(json.loads(ours.read_text()))
-    return info
-
-
-def check_adapter_matches_base(adapter_dir: str | os.PathLike, base_path: str, base_model) -> None:
-    """Refuse an adapter whose recorded base differs from ``base_model`` (weights hash or architecture)."""
-    recorded = read_adapter_base(adapter_dir)
-    arch = type(base_model).__name__
-    if recorded.get("architecture") and recorded["architecture"] != arch:
-        raise AdapterMismatchError(
-            f"adapter `{adapter_dir}` was trained on a {recorded['architecture']} "
-            f"(`{recorded.get('base_model')}`), but the base given is a {arch} (`{base_path}`); "
-            "merge it into the base model it was trained on."
-        )
-    if recorded.get("sha256") and Path(base_path).is_dir():
-        actual = modelio.weights_sha256(base_path)
-        if actual != recorded["sha256"]:
-            raise AdapterMismatchError(
-                f"adapter `{adapter_dir}` was trained on base weights with sha256 {recorded['sha256'][:16]}... "
-                f"(`{recorded.get('base_model')}`), but `{base_path}` has sha256 {actual[:16]}...; "
-                "merge it into the base model it was trained on."
-            )
 
 
 def _logits(model, tokenizer, probes: list[str]):
@@ -104,26 +70,17 @@ def merge_adapter(
         ValueError: the merged model produced NaNs or drifted from the adapter model.
     """
     import torch
-    from peft import PeftModel
 
-    recorded = read_adapter_base(adapter_dir)
-    name = base_model or recorded.get("base_model") or recorded["peft_base"]
+    name = base_model or recorded_base(adapter_dir)
     path = modelio.resolve_model_path(name)
     tokenizer = modelio.load_tokenizer(path, revision=revision, trust_remote_code=trust_remote_code)
     base = modelio.load_causal_lm(path, revision=revision, trust_remote_code=trust_remote_code,
                                   dtype=getattr(torch, dtype))
     check_adapter_matches_base(adapter_dir, path, base)
-    try:
-        with modelio.quiet_upstream_deprecations():
-            peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
-    except RuntimeError as e:  # shape mismatches surface here
-        raise AdapterMismatchError(
-            f"adapter `{adapter_dir}` does not fit base `{name}`: {str(e).splitlines()[0]}"
-        ) from e
-    peft_model.eval()
+    peft_model = apply_adapter(base, adapter_dir, merge=False)
     probes = probes or PROBES
     before, mask = _logits(peft_model, tokenizer, probes) if verify else (None, None)
-    merged = peft_model.merge_and_unload(safe_merge=True)
+    merged = merge_adapter_weights(peft_model)
     diff = 0.0
     if verify:
         after, _ = _logits(merged, tokenizer, probes)

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from smolora_mlflow.cli import PROG, UsageError, build_config, parse_bool
+from smolora_mlflow.cli.parser import PROG, UsageError, build_config
+from smolora_mlflow.config import parse_bool
 
 
 def _err(message: str) -> None:
@@ -142,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = build_config(args)  # validates the options before anything is looked up
     _use_tracking_uri(cfg.tracking_uri)
-    from smolora_mlflow.evaluation import training_config_of
+    from smolora_mlflow.evaluation.loading import training_config_of
     from smolora_mlflow.workflow import evaluate_run
 
     base = training_config_of(args.model)
@@ -166,7 +167,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     _use_tracking_uri(args.tracking_uri)
     from smolora_mlflow import registry
-    from smolora_mlflow.evaluation import is_run_id, logged_model_uri_of_run
+    from smolora_mlflow.evaluation.loading import logged_model_uri_of_run
+    from smolora_mlflow.refs import is_run_id
 
     ref = args.model
     if is_run_id(ref):  # a pipeline's parent run points to the run that logged the model
@@ -283,8 +285,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             params[key] = getattr(args, key)
     full, as_jsonl = parse_bool("full_text", args.full_text), parse_bool("jsonl", args.jsonl)
     _use_tracking_uri(args.tracking_uri)
-    from smolora_mlflow.evaluation import load_for_inference
-    from smolora_mlflow.generation import format_chat, generate
+    from smolora_mlflow.evaluation.loading import load_for_inference
+    from smolora_mlflow.models.generation import format_chat, generate
 
     loaded = load_for_inference(args.model, device=args.device)
     texts = [p if isinstance(p, str) else format_chat(loaded.tokenizer, p) for p in prompts]
@@ -336,8 +338,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from smolora_mlflow.tracking_outbox import sync
+    from smolora_mlflow.tracking.outbox import sync
 
     run_id, sent = sync(args.output_dir, tracking_uri=args.tracking_uri)
     _print_summary(f"{PROG} sync: done", [_run_row("run", run_id), ("writes sent", sent)])
     return 0
+
+
+# The handler of each subcommand of the parser (`smolora_mlflow.cli.parser.build_parser`).
+COMMANDS = {
+    "run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate,
+    "register": cmd_register, "transition": cmd_transition, "promote": cmd_promote, "rollback": cmd_rollback,
+    "versions": cmd_versions,
+    "predict": cmd_predict, "serve": cmd_serve, "sync": cmd_sync,
+}

@@ -1,0 +1,80 @@
+"""What a reference to a model names: the one parser behind every command and function that takes one.
+
+A reference is a run id, ``runs:/<run_id>[/<path>]``, ``models:/<model_id>`` (an MLflow 3 logged model, also
+written ``m-<id>``), ``models:/<name>/<version|stage|latest>``, ``models:/<name>@<alias>``, another artifact
+URI, or a local path (an MLflow model folder, a merged or adapter folder, ``smolora:demo``). Stdlib only:
+what each kind then resolves to (a version, a logged model, files) is up to the caller.
+
+Example:
+    >>> ref = parse_model_ref("models:/reviews@production")
+    >>> ref.kind, ref.name, ref.key
+    ('registered', 'reviews', 'production')
+    >>> parse_model_ref("runs:/0123456789abcdef0123456789abcdef/model").run_id
+    '0123456789abcdef0123456789abcdef'
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+RefKind = Literal["run", "logged_model", "registered", "uri", "path"]
+MODEL_REF_HELP = ("a run id, runs:/<run_id>/<name>, models:/<model_id>, models:/<name>/<version|stage>, "
+                  "models:/<name>@<alias>, an MLflow model folder, a merged model folder, a PEFT adapter folder "
+                  "or smolora:demo")
+
+
+def is_run_id(text: object) -> bool:
+    """Whether ``text`` is an MLflow run id (32 lowercase hex digits)."""
+    return bool(RUN_ID_RE.fullmatch(str(text)))
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference.
+
+    Attributes:
+        text: the reference as given.
+        kind: ``run`` (a run id or ``runs:/``), ``logged_model``, ``registered``, ``uri`` or ``path``.
+        run_id: the run of a ``run`` reference.
+        artifact_path: the path after the run id in ``runs:/<run_id>/<path>``; None for a bare run id.
+        model_id: the id of a ``logged_model`` reference.
+        name: the registered model of a ``registered`` reference.
+        key: its version number, stage, alias or ``latest``.
+    """
+
+    text: str
+    kind: RefKind
+    run_id: str | None = None
+    artifact_path: str | None = None
+    model_id: str | None = None
+    name: str | None = None
+    key: str | None = None
+
+    @property
+    def is_mlflow(self) -> bool:
+        """Whether MLflow resolves it (anything but a local path)."""
+        return self.kind != "path"
+
+
+def parse_model_ref(ref: str | os.PathLike) -> ModelRef:
+    """Parse a model reference; never touches MLflow (a bare ``m-<id>`` that exists locally is a path)."""
+    text = os.fspath(ref) if isinstance(ref, os.PathLike) else str(ref)
+    if is_run_id(text):
+        return ModelRef(text, "run", run_id=text)
+    if text.startswith("runs:/"):
+        run_id, _, path = text.removeprefix("runs:/").strip("/").partition("/")
+        return ModelRef(text, "run", run_id=run_id, artifact_path=path or None)
+    body = text.removeprefix("models:/")
+    if body.startswith("m-") and "/" not in body and (text.startswith("models:/") or not os.path.exists(text)):
+        return ModelRef(text, "logged_model", model_id=body)
+    if text.startswith("models:/"):
+        name, sep, key = body.partition("@") if "@" in body else body.partition("/")
+        return ModelRef(text, "registered", name=name, key=key if sep else "latest")
+    if "://" in text or text.startswith(("file:", "mlflow-artifacts:")):
+        return ModelRef(text, "uri")
+    return ModelRef(text, "path")

@@ -1,0 +1,93 @@
+"""Evaluate a model and record it in an MLflow run: eval loss, perplexity, sample generations, the dataset.
+
+Example:
+    >>> result = evaluate_run("models:/reviews/1", SmoloraConfig.from_yaml("configs/demo.yaml"))  # doctest: +SKIP
+    >>> result.metrics["eval_loss"]                                                             # doctest: +SKIP
+    2.1
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from smolora_mlflow import constants as C
+from smolora_mlflow.config import SmoloraConfig
+from smolora_mlflow.workflow.runs import step_run
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation measured, and the run that records it."""
+
+    run_id: str | None
+    metrics: dict[str, float]
+    generations: list[dict[str, str]] = field(default_factory=list)
+    split: str = ""
+
+
+def evaluate_run(model_ref: str | os.PathLike | None, cfg: SmoloraConfig, *, dataset: Any = None,
+                 loaded: Any = None, prepared: Any = None, run_name: str | None = None) -> EvalResult:
+    """Evaluate a model and record it in an MLflow run (nested when a run is active).
+
+    Args:
+        model_ref: a run id, ``runs:/``/``models:/`` URI or a local model folder (see
+            :func:`smolora_mlflow.evaluation.loading.load_for_inference`); None with ``loaded``.
+        cfg: which dataset, split, ``max_length``, batch size and sample prompts to use.
+        dataset: score all rows of this dataset (a path or an in-memory dataset) instead of the held-out
+            split of ``cfg.dataset``.
+        loaded: an :class:`~smolora_mlflow.evaluation.loading.LoadedModel` already in memory.
+        prepared: the training's :class:`~smolora_mlflow.data.PreparedData` of ``cfg``, so its held-out split
+            is not prepared again.
+        run_name: name of the evaluation run.
+
+    Returns:
+        The metrics (``eval_loss``, ``eval_perplexity``, ``eval_tokens``, ``eval_rows``), the sample
+        generations and the run id (None when ``cfg.tracking`` is off).
+    """
+    from smolora_mlflow.evaluation import eval_split
+    from smolora_mlflow.evaluation.loading import load_for_inference
+
+    split = eval_split(cfg, dataset, prepared=prepared)  # data problems surface before a model loads or a run
+    loaded = loaded or load_for_inference(model_ref, device=cfg.device)
+    source = str(model_ref) if model_ref is not None else loaded.source
+    if not cfg.tracking:
+        metrics, gens = _measure(loaded, split, cfg)
+        return EvalResult(None, metrics, gens, split.description)
+    import mlflow
+
+    from smolora_mlflow.data import mlflow_dataset
+
+    with step_run(cfg, run_name or f"evaluate-{Path(source.rstrip('/')).name[:40]}", "evaluate") as run_id:
+        mlflow.set_tags({C.TAG_EVALUATED_MODEL: source, C.TAG_EVAL_SPLIT: split.description,
+                         C.TAG_DATASET: split.data.source, C.TAG_DATASET_FINGERPRINT: split.data.fingerprint})
+        _log_new_params(run_id, {"max_length": cfg.max_length, "eval_batch_size": cfg.per_device_train_batch_size,
+                                 "sample_max_new_tokens": cfg.sample_max_new_tokens})
+        mlflow.log_input(mlflow_dataset(split.dataset, source=split.data.source, name=split.data.name),
+                         context="evaluation")
+        metrics, gens = _measure(loaded, split, cfg)
+        mlflow.log_metrics(metrics)
+        if gens:
+            import pandas as pd
+
+            mlflow.log_table(pd.DataFrame(gens), artifact_file=C.ARTIFACT_GENERATIONS)
+    return EvalResult(run_id, metrics, gens, split.description)
+
+
+def _log_new_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log params the run does not hold yet (`mlflow run -P` may have logged some with its own spelling)."""
+    import mlflow
+
+    held = mlflow.MlflowClient().get_run(run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in held})
+
+
+def _measure(loaded, split, cfg: SmoloraConfig) -> tuple[dict[str, float], list[dict[str, str]]]:
+    from smolora_mlflow import evaluation as ev
+
+    metrics = ev.eval_loss(loaded.model, loaded.tokenizer, split.rows, split.format, max_length=cfg.max_length,
+                           batch_size=cfg.per_device_train_batch_size)
+    gens = ev.sample_generations(loaded.model, loaded.tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens)
+    return metrics, gens
