@@ -13,6 +13,7 @@ TAG_BASE_MODEL_SHA256 = "smolora.base_model_sha256"
 TAG_DATASET = "smolora.dataset"
 TAG_DATASET_FINGERPRINT = "smolora.dataset_fingerprint"
 TAG_DEVICE = "smolora.device"
+TAG_PYTHON = "smolora.python"
 TAG_VERSION_PREFIX = "smolora.version."  # + torch / transformers / peft / trl / mlflow / smolora_mlflow
 TAG_CHECKPOINT_DIR = "smolora.checkpoint_dir"
 TAG_ADAPTER_SIZE = "smolora.adapter_size_bytes"

@@ -50,7 +50,6 @@ def load_raw(
     source: Any,
     *,
     split: str = "train",
-    revision: str | None = None,
     chunk_words: int = 0,
     dedupe: bool = False,
     text_field: str = "text",
@@ -62,7 +61,6 @@ def load_raw(
             ``smolora:reviews``, a ``datasets.Dataset``/``DatasetDict``, a pandas DataFrame, or a list of
             strings or of dicts.
         split: split of a hub dataset or ``DatasetDict``.
-        revision: hub revision (branch, tag or commit).
         chunk_words: when > 0, split the ``text_field`` of each row into chunks of this many words.
         dedupe: drop rows equal to an earlier row (all columns), keeping order.
         text_field: column that receives the lines of .txt files and lists of strings.
@@ -75,7 +73,7 @@ def load_raw(
         ['a b', 'c d', 'e']
     """
     src = resolve_source(source)
-    ds = _load(src, source, split=split, revision=revision, text_field=text_field)
+    ds = _load(src, source, split=split, text_field=text_field)
     if ds.num_rows == 0:
         raise DataError(f"dataset `{src.source}` has no rows; add examples or point `dataset` elsewhere.")
     if chunk_words < 0:
@@ -136,11 +134,11 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
-def _load(src: _Source, obj: Any, *, split: str, revision: str | None, text_field: str) -> datasets.Dataset:
+def _load(src: _Source, obj: Any, *, split: str, text_field: str) -> datasets.Dataset:
     if src.kind == "memory":
         return _from_object(obj, split, text_field)
     if src.kind == "hub":
-        return _from_hub(src.source, split, revision)
+        return _from_hub(src.source, split)
     assert src.path is not None
     files = [src.path]
     if src.kind == "folder":
@@ -249,11 +247,11 @@ def _from_object(obj: Any, split: str, text_field: str) -> datasets.Dataset:
     )
 
 
-def _from_hub(hub_id: str, split: str, revision: str | None) -> datasets.Dataset:
+def _from_hub(hub_id: str, split: str) -> datasets.Dataset:
     import datasets
 
     try:
-        ds = datasets.load_dataset(hub_id, split=split, revision=revision)
+        ds = datasets.load_dataset(hub_id, split=split)
     except Exception as e:  # offline, unknown id, gated, bad split: all mean this id cannot be used
         raise DataError(
             f"dataset `{hub_id}` is neither a local path nor reachable on the Hugging Face Hub "

@@ -70,7 +70,6 @@ from smolora_mlflow.flavor.inputs import (
     validate_params,
 )
 from smolora_mlflow.models.generation import count_tokens, generate, resolve_device, stream
-from smolora_mlflow.models.io import quiet_upstream_deprecations
 from smolora_mlflow.models.verified import weights_sha256
 
 __all__ = ["FLAVOR_NAME", "get_default_conda_env", "get_default_pip_requirements", "load_model",
@@ -291,16 +290,13 @@ def _load_model(
             finally:
                 verified.result()
     else:
-        files.verify_files(data_dir, conf.get("file_sha256") or {})
-        from peft import PeftModel
+        from smolora_mlflow.models.adapters import apply_adapter
 
+        files.verify_files(data_dir, conf.get("file_sha256") or {})
         base_dir = files.locate_base(conf, base_model_path)
         files.check_base_hash(base_dir, conf)
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
-        with quiet_upstream_deprecations():  # peft reads an attribute transformers 5 deprecated
-            model = PeftModel.from_pretrained(base, str(data_dir), is_trainable=False)
-        if merge:
-            model = model.merge_and_unload()
+        model = apply_adapter(base, data_dir, merge=merge)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
     return model.to(dev).eval(), tokenizer
 
@@ -324,7 +320,7 @@ class _SmoloraPyfuncWrapper:
         self.max_prompt_chars = int(max_prompt_chars)
         self._tokenizer_lock = threading.Lock()
         # Unset, the wait adapts: in `mlflow models serve` a lone request waits for company for 5 ms or 5%
-        # of a generate call, whichever is longer (requests sent together reach predict up to ~10 ms apart
+        # of a generate call, whichever is longer (requests sent together reach predict a few ms apart
         # after MLflow's parsing), 15 ms while requests have been coalescing; a direct predict call runs at
         # once unless calls have been coalescing. A number fixes the quiet gap; 0 never waits.
         in_server = SCORING_SERVER_ENV in os.environ

@@ -20,21 +20,11 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from smolora_mlflow.models.generation import GENERATION_DEFAULTS, format_chat
+from smolora_mlflow.models.generation import GENERATION_DEFAULTS, GENERATION_PARAMS, format_chat
 
 PROMPT_COLUMN = "prompt"
 OUTPUT_COLUMN = "generated_text"
-PARAM_TYPES: dict[str, type] = {
-    "max_new_tokens": int,
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "do_sample": bool,
-    "repetition_penalty": float,
-    "seed": int,
-    "return_full_text": bool,
-}
-assert set(PARAM_TYPES) == set(GENERATION_DEFAULTS)
+PARAM_TYPES: dict[str, type] = {name: tp for name, (tp, _) in GENERATION_PARAMS.items()}
 _TYPE_TEXT = {int: "an integer", float: "a number", bool: "true or false"}
 
 

@@ -26,18 +26,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-GENERATION_DEFAULTS: dict[str, Any] = {
-    "max_new_tokens": 64,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 50,
-    "do_sample": False,
-    "repetition_penalty": 1.0,
-    "seed": -1,  # -1: no seeding
-    "return_full_text": False,
+# The generation parameters every entry point accepts (Python API, CLI, pyfunc params, served requests):
+# name -> (type, default). The flavor's params schema and input checks are built from this table.
+GENERATION_PARAMS: dict[str, tuple[type, Any]] = {
+    "max_new_tokens": (int, 64),
+    "temperature": (float, 1.0),
+    "top_p": (float, 1.0),
+    "top_k": (int, 50),
+    "do_sample": (bool, False),
+    "repetition_penalty": (float, 1.0),
+    "seed": (int, -1),  # -1: no seeding
+    "return_full_text": (bool, False),
 }
-# Keys of GENERATION_DEFAULTS that are passed to `model.generate` only when sampling.
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+GENERATION_DEFAULTS: dict[str, Any] = {name: default for name, (_, default) in GENERATION_PARAMS.items()}
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -18,8 +18,8 @@ def sha256_of_open_file(f) -> str:
     """sha256 of an open binary file from its current position, read in 16 MiB blocks.
 
     Large blocks keep the GIL free for long stretches (``readinto`` and ``update`` both leave it), so a
-    hash in a helper thread really overlaps a model load on the main thread; 1 MiB reads handed the GIL
-    back and forth and serialised the two. Plain reads, not a memory map: a file truncated while it is
+    hash in a helper thread really overlaps a model load on the main thread; small reads hand the GIL back
+    and forth and serialise the two. Plain reads, not a memory map: a file truncated while it is
     hashed gives a wrong hash (and a clear error), never a SIGBUS that kills the process.
     """
     h = hashlib.sha256()

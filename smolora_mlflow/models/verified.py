@@ -1,17 +1,17 @@
 """Remember the sha256 of model files already hashed, so reloading a model does not hash it again.
 
 The flavor checks the sha256 of every file of a model before it hands the model out: a truncated
-download or an edited weight file must never serve. Hashing costs about as much as loading the
-weights (sha256 runs near 1.5 GB/s on one core, ``from_pretrained`` near 2.5 GB/s), so the hash of
-each file is remembered against the file's identity and change stamps: device, inode, size,
-``mtime_ns`` and ``ctime_ns``. On local POSIX filesystems a ``write``, truncate or ``utime`` moves the
-ctime, which no user-space call can set back, so a remembered hash does not vouch for bytes rewritten
-since. Not covered: writes through a shared writable memory map to pages already dirty, a wall clock
-set back, and network or FUSE filesystems with loose ctime semantics; set ``SMOLORA_VERIFY_CACHE=0``
-there. Files whose stamps are younger than ``_SETTLE_S`` are hashed but not remembered: a write in
-the same clock tick as the hash would leave the stamps unchanged (the "racily clean" case git guards
-the same way). A fresh download has new inodes and is always hashed; so is everything on Windows,
-where ``st_ctime`` is the creation time.
+download or an edited weight file must never serve. Hashing costs about as much as loading the weights
+(both read every byte; sha256 on one core is the slower of the two), so the hash of each file is
+remembered against the file's identity and change stamps: device, inode, size, ``mtime_ns`` and
+``ctime_ns``. On local POSIX filesystems a ``write``, truncate or ``utime`` moves the ctime, which no
+user-space call can set back, so a remembered hash does not vouch for bytes rewritten since. Not
+covered: writes through a shared writable memory map to pages already dirty, a wall clock set back, and
+network or FUSE filesystems with loose ctime semantics; set ``SMOLORA_VERIFY_CACHE=0`` there. Files
+whose stamps are younger than ``_SETTLE_S`` are hashed but not remembered: a write in the same clock
+tick as the hash would leave the stamps unchanged (the "racily clean" case git guards the same way). A
+fresh download has new inodes and is always hashed; so is everything on Windows, where ``st_ctime`` is
+the creation time.
 
 The record is ``$SMOLORA_CACHE/verified-files.json`` (default ``~/.cache/smolora_mlflow``, mode 0600),
 written atomically; two processes racing only lose an entry, never corrupt one. It is as trustworthy as

@@ -6,13 +6,15 @@ adapter, a model card and a loss curve. The run attaches to whatever run is alre
 sets ``MLFLOW_RUN_ID``; a resume brings the checkpoint's run id) and never rewrites a param it holds. A run
 that raises ends FAILED (KILLED on Ctrl-C) with the reason recorded. Only the main process logs.
 
+Training talks to one tracker object: ``run`` (start or attach, end FINISHED/FAILED), ``callbacks`` (the
+Trainer callback that logs parameter counts, per-step metrics, evaluations and samples) and ``finish``.
+
 Example:
     >>> tracker = make_tracker(cfg, data, base_info, device="cpu")  # doctest: +SKIP
     >>> with tracker.run() as run_id:                                 # doctest: +SKIP
     ...     trainer = build_trainer(callbacks=tracker.callbacks())
-    ...     tracker.log_model_stats(trainer.model)
-    ...     trainer.train()
-    ...     tracker.log_adapter(adapter_dir, metrics)
+    ...     metrics = trainer.train().metrics
+    ...     tracker.finish(trainer, adapter_dir, metrics)
 """
 
 from __future__ import annotations
@@ -59,16 +61,7 @@ class NullTracker:
     def callbacks(self) -> list:
         return []
 
-    def attach(self, trainer) -> None:
-        pass
-
-    def log_model_stats(self, model) -> None:
-        pass
-
-    def log_final_eval(self, metrics, step, model, tokenizer) -> None:
-        pass
-
-    def log_adapter(self, adapter_dir, metrics) -> None:
+    def finish(self, trainer, adapter_dir, metrics) -> None:
         pass
 
 
@@ -274,8 +267,10 @@ class RunTracker:
 
         return [MlflowTrainingCallback(self)]
 
-    def attach(self, trainer) -> None:
-        self._tokenizer = trainer.processing_class
+    def training_started(self, model, tokenizer) -> None:
+        """Called by the callback when training starts: the parameter counts, and the tokenizer for samples."""
+        self._tokenizer = tokenizer
+        self.log_model_stats(model)
 
     def log_model_stats(self, model) -> None:
         """Trainable and total parameter counts (PEFT's own count) as params and as metrics at step 0."""
@@ -320,6 +315,13 @@ class RunTracker:
         self.log_generations(model, tokenizer, step)
 
     # --- end of run ---
+    def finish(self, trainer, adapter_dir: Path, metrics: dict[str, float]) -> None:
+        """After training: the final evaluation (unless the periodic one covered the last step), then the
+        saved adapter, its size, the model card and the loss curve."""
+        if any(k.startswith("eval_") for k in metrics):
+            self.log_final_eval(metrics, trainer.state.global_step, trainer.model, trainer.processing_class)
+        self.log_adapter(adapter_dir, metrics)
+
     def log_adapter(self, adapter_dir: Path, metrics: dict[str, float]) -> None:
         """The saved adapter, its size, the model card and the loss curve; flushes the metrics first."""
         from smolora_mlflow.tracking.record import loss_curve_png, model_card

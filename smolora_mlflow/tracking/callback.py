@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # Trainer log keys and the metric names we give them. Step keys are read from training-step logs only:
 # transformers repeats `epoch` in every eval log and the final summary, which would log a step twice.
-# Every point costs the store about 0.15-0.2 ms of CPU (SQLite, measured), so nothing derivable is logged:
+# Every point is a row the store writes and the UI reads, so nothing derivable is logged:
 # transformers' cumulative `num_input_tokens_seen` is left out (tokens/s carries it).
 _STEP_KEYS = {"loss": C.METRIC_LOSS, "learning_rate": "learning_rate", "grad_norm": "grad_norm",
               "epoch": "epoch", "mean_token_accuracy": "mean_token_accuracy", "entropy": "entropy"}
@@ -45,14 +45,14 @@ class MetricBuffer:
     """Collects metric points and hands them, in batches, to the run's :class:`Outbox`.
 
     The outbox's one background thread calls the ordinary ``log_batch`` (not MLflow's
-    ``synchronous=False`` queue, which polls once a second, so ending a run that used it waited about
-    0.9 s), keeps batches in order and retries them through a tracking outage.
+    ``synchronous=False`` queue, which polls on a timer, so ending a run that used it waits for the next
+    poll), keeps batches in order and retries them through a tracking outage.
 
     Args:
         client: an ``MlflowClient``.
         run_id: the run to log to.
         max_points: send once this many points are buffered (a store spends less per point in big
-            batches: SQLite about 0.14 ms at 1000, 0.2 ms at 200, 1.7 ms one step at a time)...
+            batches than one step at a time)...
         max_seconds: ...or once this long has passed since the last send, so the UI stays current.
         skip_through_step: points at or before this step are dropped (a resumed run already has them).
         outbox: where batches go; a new one for ``run_id`` by default.
@@ -136,7 +136,9 @@ class MlflowTrainingCallback(TrainerCallback):
         self._last_tokens = 0
         self._last_step = 0
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and model is not None:
+            self.tracker.training_started(model, kwargs.get("processing_class"))
         self._seg_start = self._last_step_end = time.perf_counter()
         self._active = 0.0
         self._paused = False

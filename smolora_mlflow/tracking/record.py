@@ -100,7 +100,7 @@ def lineage_tags(cfg: SmoloraConfig, data, base_info: dict, device: str, *, with
         C.TAG_DATASET: data.source,
         C.TAG_DATASET_FINGERPRINT: data.fingerprint,
         C.TAG_DEVICE: device,
-        "smolora.python": platform.python_version(),
+        C.TAG_PYTHON: platform.python_version(),
     }
     if base_info.get("sha256"):
         tags[C.TAG_BASE_MODEL_SHA256] = base_info["sha256"]

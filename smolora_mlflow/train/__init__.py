@@ -184,14 +184,12 @@ class SmoLoRA:
         with tracker.run(resume_run_id=resume_run) as run_id:
             self.run_id = run_id
             trainer = self._build_trainer(model, tokenizer, data, tracker)
-            tracker.log_model_stats(trainer.model)
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             metrics = dict(output.metrics)
             if data.eval is not None:
                 metrics.update(_with_perplexity(_final_eval(trainer)))
-                tracker.log_final_eval(metrics, trainer.state.global_step, trainer.model, tokenizer)
             self._save_adapter(trainer, tokenizer)
-            tracker.log_adapter(self.adapter_dir, metrics)
+            tracker.finish(trainer, self.adapter_dir, metrics)
         self.model = trainer.model
         self.tokenizer = tokenizer
         return TrainResult(self.adapter_dir, run_id, trainer.state.global_step, metrics)
@@ -204,7 +202,6 @@ class SmoLoRA:
         with modelio.quiet_upstream_deprecations():
             trainer = self._make_sft_trainer(model, sft_args, data, tokenizer, callbacks)
         _drop_stock_mlflow_callback(trainer)
-        tracker.attach(trainer)
         return trainer
 
     def _make_sft_trainer(self, model, sft_args, data: PreparedData, tokenizer, callbacks):
@@ -256,15 +253,12 @@ class SmoLoRA:
 
     def load_adapter_model(self, base_model: str, adapter_dir: str | os.PathLike, *, merge: bool = False):
         """Load ``base_model`` with the adapter at ``adapter_dir`` on top (merged in memory when asked)."""
-        from peft import PeftModel
+        from smolora_mlflow.models.adapters import apply_adapter
 
         path = modelio.resolve_model_path(base_model)
         tokenizer = modelio.load_tokenizer(path)
         base = modelio.load_causal_lm(path, dtype=self.dtype)
-        with modelio.quiet_upstream_deprecations():
-            model = PeftModel.from_pretrained(base, str(adapter_dir))
-        if merge:
-            model = model.merge_and_unload(safe_merge=True)
+        model = apply_adapter(base, adapter_dir, merge=merge)
         model.to(self.device).eval()
         self.model, self.tokenizer = model, tokenizer
         return model, tokenizer
