@@ -183,7 +183,7 @@ def test_bad_option_in_a_real_process_exits_2_without_traceback():
 
 
 def test_log_trained_model_merges_again_when_the_merge_is_older_than_the_adapter(tmp_path):
-    from smolora_mlflow.workflow import _ensure_merged, log_trained_model
+    from smolora_mlflow.train.publish import _ensure_merged, log_trained_model
 
     class FakeLoRA:
         adapter_dir, merged_dir, saves = tmp_path / "adapter", tmp_path / "final_merged", 0

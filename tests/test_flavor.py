@@ -119,7 +119,7 @@ def test_mlmodel_records_flavor_block(merged_path, demo_model_dir):
     mlmodel = yaml.safe_load((merged_path / "MLmodel").read_text())
     pf, block = mlmodel["flavors"]["python_function"], mlmodel["flavors"]["smolora"]
     assert pf["loader_module"] == "smolora_mlflow.flavor" and pf["streamable"] is True
-    assert pf["code"] == "code" and (merged_path / "code/smolora_mlflow/flavor.py").is_file()
+    assert pf["code"] == "code" and (merged_path / "code/smolora_mlflow/flavor/__init__.py").is_file()
     assert block["mode"] == "merged" and block["data"] == "model"
     assert block["file_sha256"]["model.safetensors"]
     assert weights_sha256(merged_path / "model") == weights_sha256(demo_model_dir)
