@@ -410,11 +410,14 @@ def test_predict_in_a_real_process_reads_stdin(store, tracking_uri):
     (["serve", "reviews", "--version", "3"], "models:/reviews/3"),
     (["serve", "runs:/abc/model"], "runs:/abc/model"),
 ])
-def test_serve_builds_the_mlflow_command(argv, uri, capsys):
+def test_serve_builds_the_guarded_server_command(argv, uri, capsys):
     assert main([*argv, "-p", "5123", "--dry_run"]) == 0
     cmd = capsys.readouterr().out.split()
+    assert cmd[1:] == ["-m", "smolora_mlflow.serving", uri, "--host", "127.0.0.1", "--port", "5123"]
+    assert main([*argv, "-p", "5123", "--env_manager", "uv", "--dry_run"]) == 0  # other envs: mlflow's own
+    cmd = capsys.readouterr().out.split()
     assert cmd[1:5] == ["-m", "mlflow", "models", "serve"]
-    assert cmd[5:] == ["-m", uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", "5123"]
+    assert cmd[5:] == ["-m", uri, "--env-manager", "uv", "-h", "127.0.0.1", "-p", "5123"]
 
 
 @pytest.mark.slow

@@ -235,6 +235,27 @@ def test_tampered_files_are_refused(tmp_path, merged_path):
         mlflow.pyfunc.load_model(str(copy))
 
 
+@pytest.mark.parametrize(("name", "content"), [
+    ("special_tokens_map.json", {"additional_special_tokens": ["<extra_0>", "<extra_1>"]}),
+    ("added_tokens.json", {"<extra_0>": 100000, "<extra_1>": 100001}),
+])
+def test_files_the_manifest_does_not_list_are_refused(tmp_path, merged_path, name, content):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from smolora_mlflow import flavor
+
+    copy = tmp_path / "copy"
+    shutil.copytree(merged_path, copy)
+    (copy / "model" / name).write_text(json.dumps(content))
+    for load in (mlflow.pyfunc.load_model, flavor.load_model):
+        with pytest.raises(MlflowException, match=rf"does not list: \['{name}'\]") as err:
+            load(str(copy))
+        assert err.value.error_code == "INVALID_STATE"
+    (copy / "model" / name).unlink()  # without it the same folder loads and predicts again
+    assert len(mlflow.pyfunc.load_model(str(copy)).predict({"prompt": ["Hi"]}, params={"max_new_tokens": 2})) == 1
+
+
 def test_pickle_weights_are_refused(tmp_path, demo_model_dir):
     from mlflow.exceptions import MlflowException
 

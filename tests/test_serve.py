@@ -176,3 +176,99 @@ def test_mlflow_models_predict_cli(model_path, tmp_path, expected):
     assert proc.returncode == 0, proc.stderr[-5000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert [row["generated_text"] for row in out["predictions"]] == expected(PROMPTS, **PARAMS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# `smolora serve`: the same MLflow app behind the request guard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def guarded(model_path, tmp_path_factory):
+    from conftest import free_port
+    from servers import launch_server
+
+    workdir, port = tmp_path_factory.mktemp("guarded-cwd"), free_port()
+    srv = launch_server([sys.executable, "-m", "smolora_mlflow", "serve", str(model_path), "-p", str(port)], port,
+                        workdir / "server.log", cwd=workdir, env={**_clean_env(), "PYTHONPATH": str(ROOT)})
+    srv.wait("/ping", timeout=180)
+    yield srv.url
+    srv.stop()
+
+
+def test_guarded_server_answers_like_mlflow_models_serve(server, guarded, expected):
+    import requests
+
+    for form, payload in PAYLOADS.items():
+        assert _texts(_post(guarded, payload)) == _texts(_post(server, payload)) == expected(PROMPTS), form
+    for path in ("/ping", "/health", "/version"):
+        mine, theirs = requests.get(guarded + path, timeout=10), requests.get(server + path, timeout=10)
+        assert (mine.status_code, mine.text) == (theirs.status_code, theirs.text) and mine.status_code == 200
+    csv = requests.post(f"{guarded}/invocations", data="prompt\nThe food was\n", timeout=60,
+                        headers={"Content-Type": "text/csv"})
+    assert _texts(csv) == expected(["The food was"])
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+# What `mlflow models serve` answered with HTTP 500 (RecursionError, AttributeError on None.split).
+MLFLOW_500S = [
+    ("deep inputs", '{"inputs": ' + _deep(1000) + "}", {"Content-Type": "application/json"}, 400, "nested 1001 levels"),
+    ("deep records", '{"dataframe_records": [{"prompt": ' + _deep(998) + "}]}", {"Content-Type": "application/json"},
+     400, "nested 1001 levels"),
+    ("deep object", '{"a":' * 1000 + "1" + "}" * 1000, {"Content-Type": "application/json"}, 400, "nested 1000 levels"),
+    ("deep top-level list", _deep(1200), {"Content-Type": "application/json"}, 400, "nested 1200 levels"),
+    ("no content type", json.dumps(PAYLOADS["inputs"]), {}, 415, "no Content-Type header"),
+    ("empty content type", json.dumps(PAYLOADS["inputs"]), {"Content-Type": ""}, 415, "no Content-Type header"),
+    ("text/plain", json.dumps(PAYLOADS["inputs"]), {"Content-Type": "text/plain"}, 415, "is not supported"),
+    ("latin-1", json.dumps(PAYLOADS["inputs"]), {"Content-Type": "application/json; charset=latin-1"}, 415,
+     "charset=utf-8"),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "message"), [m[1:] for m in MLFLOW_500S],
+                         ids=[m[0] for m in MLFLOW_500S])
+def test_guard_answers_with_a_4xx_what_mlflow_answered_with_a_500(guarded, body, headers, status, message):
+    import requests
+
+    response = requests.post(f"{guarded}/invocations", data=body.encode(), headers=headers, timeout=60)
+    assert response.status_code == status, response.text[:300]
+    assert message in response.json()["message"]
+    assert requests.get(f"{guarded}/ping", timeout=5).status_code == 200
+
+
+def test_oversized_body_is_refused_before_it_is_read(guarded):
+    import socket
+
+    port = int(guarded.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000000000\r\n\r\n{")
+        reply = sock.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 413"), reply[:200]
+    assert "SMOLORA_SERVE_MAX_BODY_BYTES" in reply
+
+
+NOT_STRINGS = [
+    ({"inputs": {"prompt": [None]}}, "`prompt` at row 0 must be a string or a list of chat messages, got null"),
+    ({"inputs": {"prompt": [7]}}, "`prompt` at row 0 must be a string or a list of chat messages, got a number (7)"),
+    ({"inputs": {"prompt": ["ok", True]}}, "`prompt` at row 1 must be a string"),
+    ({"inputs": {"prompt": 7}}, "`prompt` at row 0 must be a string"),
+    ({"inputs": ["ok", "fine", None]}, "`prompt` at row 2 must be a string"),
+    ({"instances": [{"prompt": "ok"}, {"prompt": 7.5}]}, "`prompt` at row 1 must be a string"),
+    ({"instances": [None]}, "`prompt` at row 0 must be a string"),
+    ({"dataframe_records": [{"prompt": None}]}, "`prompt` at row 0 must be a string"),
+    ({"dataframe_split": {"columns": ["prompt"], "data": [["ok"], [7]]}}, "`prompt` at row 1 must be a string"),
+    ({"prompt": [None]}, "`prompt` at row 0 must be a string"),
+    ({"prompt": 7, "max_new_tokens": 3}, "`prompt` at row 0 must be a string"),
+]
+
+
+@pytest.mark.parametrize(("payload", "message"), NOT_STRINGS, ids=[str(i) for i in range(len(NOT_STRINGS))])
+def test_prompts_that_are_not_strings_are_400_naming_the_row(guarded, payload, message):
+    response = _post(guarded, payload)
+    assert response.status_code == 400, response.text[:300]
+    assert message in response.json()["message"]

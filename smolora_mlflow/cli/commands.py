@@ -312,6 +312,11 @@ def serve_uri(args: argparse.Namespace) -> str:
 
 
 def serve_command(args: argparse.Namespace) -> list[str]:
+    """The guarded server (:mod:`smolora_mlflow.serving`); ``mlflow models serve`` for other env managers."""
+    if args.env_manager == "local":
+        from smolora_mlflow.serving.launcher import command
+
+        return command(serve_uri(args), args.host, args.port, args.workers)
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", serve_uri(args),
            "--env-manager", args.env_manager, "-h", args.host, "-p", str(args.port)]
     if args.workers:
@@ -329,6 +334,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    if args.env_manager != "local":
+        _err(f"==> note: with --env_manager {args.env_manager} this is plain `mlflow models serve`, without the "
+             "request guard and manifest-digest check of the local server")
     _err(f"==> serving {serve_uri(args)} at http://{args.host}:{args.port}/invocations (Ctrl-C stops it)")
     try:
         return subprocess.call(cmd, env=env)

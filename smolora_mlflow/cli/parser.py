@@ -263,10 +263,12 @@ def _add_serving_commands(subs) -> None:
     _flag(p, "jsonl", "Print one JSON object per prompt.")
     _tracking_option(p)
 
-    p = _sub(subs, "serve", "Serve a registered model over HTTP with `mlflow models serve`.",
-             "A thin wrapper: runs\n"
-             "  mlflow models serve -m models:/<name>@<alias> --env-manager local -h HOST -p PORT\n"
-             "(or models:/<name>/<stage|version>, or MODEL as given when it is a URI or a path).\n"
+    p = _sub(subs, "serve", "Serve a registered model over HTTP: MLflow's scoring server behind a request guard.",
+             "Runs MLflow's own scoring server (what `mlflow models serve --env-manager local` runs) for\n"
+             "models:/<name>@<alias> (or models:/<name>/<stage|version>, or MODEL as given when it is a URI or\n"
+             "a path), behind a guard that answers oversized, too deeply nested or untyped requests with a\n"
+             "4xx; models:/ and runs:/ URIs are checked against the manifest digest on record first.\n"
+             "Other --env_manager values run plain `mlflow models serve`.\n"
              "POST {\"inputs\": {\"prompt\": [\"The food was\"]}, \"params\": {\"max_new_tokens\": 16}}\n"
              "to /invocations.")
     p.add_argument("model", metavar="NAME_OR_URI", help="Registered model name, or a model URI/path.")
@@ -279,7 +281,7 @@ def _add_serving_commands(subs) -> None:
     p.add_argument("--workers", type=int, help="Server worker processes.")
     p.add_argument("--env_manager", default="local", choices=("local", "virtualenv", "uv", "conda"),
                    help="Environment for the server (default: local, this Python).")
-    _flag(p, "dry_run", "Print the mlflow command instead of running it.")
+    _flag(p, "dry_run", "Print the server command instead of running it.")
     _tracking_option(p)
 
     p = _sub(subs, "sync", "Upload what a training could not log while the tracking server was unreachable.",

@@ -69,6 +69,7 @@ from smolora_mlflow.flavor.inputs import (
     to_prompts,
     validate_params,
 )
+from smolora_mlflow.models import manifest
 from smolora_mlflow.models.generation import count_tokens, generate, resolve_device, stream
 from smolora_mlflow.models.verified import weights_sha256
 
@@ -221,7 +222,7 @@ def log_model(
     """
     if kwargs.get("run_id") and "model_id" not in kwargs:
         kwargs["model_id"] = _logged_model_in_runs_experiment(name, kwargs["run_id"], kwargs)
-    return Model.log(
+    info = Model.log(
         artifact_path=None, name=name, flavor=sys.modules[__name__], flavor_name=FLAVOR_NAME,
         registered_model_name=registered_model_name, await_registration_for=await_registration_for,
         metadata=metadata, model_dir=model_dir, model=model, tokenizer=tokenizer, mode=mode,
@@ -232,6 +233,8 @@ def log_model(
         input_example=input_example, pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements, conda_env=conda_env, code_paths=code_paths, **kwargs,
     )
+    manifest.record(info, registered_model_name)  # a digest of the hashes, out of the artifact writer's reach
+    return info
 
 
 def _logged_model_in_runs_experiment(name: str, run_id: str, kwargs: dict[str, Any]) -> str | None:
@@ -276,6 +279,7 @@ def _load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data_dir = model_root / conf["data"]
+    manifest.refuse_unlisted_files(data_dir, conf.get("file_sha256") or {})
     dev = resolve_device(device)
     torch_dtype = _torch_dtype(dtype, dev)
     if conf["mode"] == "merged":
@@ -390,6 +394,8 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Smol
         raise MlflowException.invalid_parameter_value(f"Unknown model_config keys {sorted(unknown)}.")
     root = _model_root(path)
     conf = files.read_flavor_conf(root)
+    manifest.check_environment(conf)  # `smolora serve` looked up the digest of the URI it serves
+    manifest.check_logged_model(root, conf)
     model, tokenizer = _load_model(root, conf, device=cfg.pop("device", "auto"), dtype=cfg.pop("dtype", None),
                                    base_model_path=cfg.pop("base_model_path", None))
     return _SmoloraPyfuncWrapper(model, tokenizer, conf, **cfg)
@@ -413,7 +419,9 @@ def load_model(
     Example:
         >>> model, tokenizer = load_model("models:/reviews@production", device="cpu")
     """
-    local = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    expected = manifest.resolve(model_uri)  # models:/ and runs:/ pinned, with the digest on record
+    local = _download_artifact_from_uri(artifact_uri=expected.uri, output_path=dst_path)
     conf = files.read_flavor_conf(local)
+    manifest.check(conf, expected)
     return _load_model(Path(local), conf, device=device, dtype=dtype, merge=merge,
                        base_model_path=base_model_path)

@@ -53,6 +53,7 @@ from smolora_mlflow.constants import (
     TAG_RUN_ID,
     TRANSITION_TAG_PREFIX,
 )
+from smolora_mlflow.models import manifest
 from smolora_mlflow.refs import parse_model_ref
 from smolora_mlflow.registry import core
 from smolora_mlflow.registry.core import KEY_METRICS, LEGAL_TRANSITIONS, LINEAGE_PARAMS, STAGE_ALIASES, STAGES
@@ -121,7 +122,10 @@ def register(model_uri_or_run_id: str, name: str, *, description: str | None = N
     client = client or MlflowClient()
     source, run_id, model_id, artifact_uri = _source(client, model_uri_or_run_id)
     run = client.get_run(run_id) if run_id else None
-    version_tags = {**core.lineage_tags(run, model_id), **{str(k): str(v) for k, v in (tags or {}).items()}}
+    path = model_uri_or_run_id.removeprefix("runs:/").strip("/").partition("/")[2] or None
+    digest = manifest.for_registration(client, run, model_id, path)  # recorded when the model was logged
+    version_tags = {**core.lineage_tags(run, model_id), **({manifest.TAG: digest} if digest else {}),
+                    **{str(k): str(v) for k, v in (tags or {}).items()}}
     text = description or core.model_card(client, artifact_uri) or core.summary(run, source)
     try:
         client.create_registered_model(name, description="LoRA fine-tunes of causal LMs managed by "
@@ -350,7 +354,8 @@ def load(name: str, stage_or_alias: int | str = "production") -> mlflow.pyfunc.P
     Example:
         >>> load("reviews-lora", "champion").predict({"prompt": ["Great phone"]})  # doctest: +SKIP
     """
-    return mlflow.pyfunc.load_model(f"models:/{name}/{resolve(name, stage_or_alias).version}")
+    local = manifest.download_checked(f"models:/{name}/{resolve(name, stage_or_alias).version}")
+    return mlflow.pyfunc.load_model(local)
 
 
 def versions(name: str, *, client: MlflowClient | None = None) -> pd.DataFrame:

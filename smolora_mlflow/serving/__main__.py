@@ -1,0 +1,5 @@
+import sys
+
+from smolora_mlflow.serving.launcher import main
+
+sys.exit(main())
