@@ -152,6 +152,16 @@ def test_register_three_versions_with_lineage(store):
     assert copy.description.startswith("# reviews-lora v1")  # the card travels with the model
 
 
+def test_register_a_version_mlflow_registered_itself(store):
+    """MLflow's own registration keeps no smolora.model_id tag; the logged model is found from the source."""
+    card = "# reviews-lora by MLflow\n\nRegistered with mlflow.register_model.\n"
+    run_id, info = train_run("v1", 0.9, card=card)
+    mlflow.register_model(info.model_uri, "registered-by-mlflow")
+    copy = R.register("models:/registered-by-mlflow/1", NAME)
+    assert (copy.source, copy.run_id, copy.tags[R.TAG_MODEL_ID]) == (info.model_uri, run_id, info.model_id)
+    assert copy.description.startswith("# reviews-lora by MLflow")
+
+
 def test_register_rejects_unknown_sources(store):
     with pytest.raises(MlflowException, match="expected runs:/"):
         R.register("not-a-model", NAME)

@@ -240,6 +240,19 @@ def test_guard_answers_with_a_4xx_what_mlflow_answered_with_a_500(guarded, body,
     assert requests.get(f"{guarded}/ping", timeout=5).status_code == 200
 
 
+def _read_response(sock) -> str:
+    """One HTTP response, whole: the headers and a body may arrive in separate segments."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def test_oversized_body_is_refused_before_it_is_read(guarded):
     import socket
 
@@ -247,7 +260,7 @@ def test_oversized_body_is_refused_before_it_is_read(guarded):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000000000000\r\n\r\n{")
-        reply = sock.recv(65536).decode()
+        reply = _read_response(sock)
     assert reply.startswith("HTTP/1.1 413"), reply[:200]
     assert "SMOLORA_SERVE_MAX_BODY_BYTES" in reply
 

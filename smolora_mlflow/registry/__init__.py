@@ -91,7 +91,8 @@ def _source(client: MlflowClient, ref: str) -> tuple[str, str | None, str | None
     if parsed.kind != "registered":
         return core.logged_source(client, parsed)
     mv = resolve(parsed.name, parsed.key, client=client)
-    model_id = mv.model_id or mv.tags.get(TAG_MODEL_ID)
+    source = parse_model_ref(mv.source)  # a version MLflow registered itself has no TAG_MODEL_ID
+    model_id = mv.model_id or mv.tags.get(TAG_MODEL_ID) or source.model_id
     return mv.source, mv.run_id, model_id, (client.get_logged_model(model_id).artifact_location
                                             if model_id else mv.source)
 
