@@ -409,6 +409,8 @@ def test_predict_in_a_real_process_reads_stdin(store, tracking_uri):
     (["serve", "reviews", "--stage", "Staging"], "models:/reviews/Staging"),
     (["serve", "reviews", "--version", "3"], "models:/reviews/3"),
     (["serve", "runs:/abc/model"], "runs:/abc/model"),
+    (["serve", "0123456789abcdef0123456789abcdef"], "runs:/0123456789abcdef0123456789abcdef/model"),
+    (["serve", "m-0123abcd"], "models:/m-0123abcd"),
 ])
 def test_serve_builds_the_guarded_server_command(argv, uri, capsys):
     assert main([*argv, "-p", "5123", "--dry_run"]) == 0

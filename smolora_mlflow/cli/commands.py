@@ -300,12 +300,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def serve_uri(args: argparse.Namespace) -> str:
-    """``models:/name@alias`` / ``models:/name/<stage|version>``, or MODEL itself when it is a URI or path."""
+    """``models:/name@alias`` / ``models:/name/<stage|version>``, or MODEL itself when it is a URI or path
+    (a bare run id serves the run's ``model``)."""
+    from smolora_mlflow.refs import parse_model_ref
+
     model = args.model
-    if ":/" in model or os.path.exists(model):
+    ref = parse_model_ref(model)
+    if ref.kind != "path" or os.path.exists(model):
         if args.alias or args.stage or args.version:
             raise UsageError("--alias/--stage/--version apply to a registered model name, not to a URI or path.")
-        return model
+        if ref.kind == "run" and ref.artifact_path is None:
+            return f"runs:/{ref.run_id}/model"
+        return f"models:/{ref.model_id}" if ref.kind == "logged_model" else model
     if args.stage or args.version:
         return f"models:/{model}/{args.stage or args.version}"
     return f"models:/{model}@{args.alias or 'production'}"
