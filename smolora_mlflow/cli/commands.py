@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from smolora_mlflow import constants as C
 from smolora_mlflow.cli.parser import PROG, UsageError, build_config
 from smolora_mlflow.config import parse_bool
 
@@ -65,6 +66,9 @@ def _fmt_metrics(metrics: dict[str, float], keys: tuple[str, ...] = ("train_loss
     return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
+TASK_KEYS = C.TASK_METRICS
+
+
 def _run_row(label: str, run_id: str | None) -> tuple[str, str | None]:
     link = _ui_link(run_id)
     return label, (f"{run_id}  {link}" if link else run_id)
@@ -79,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     promote = parse_bool("promote", args.promote)
-    higher = parse_bool("higher_is_better", args.higher_is_better)
+    higher = _direction(args)
     check_pipeline_config(cfg, promote=promote)
     _use_tracking_uri(cfg.tracking_uri)
     from smolora_mlflow.workflow import run_pipeline
@@ -102,6 +106,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("registered", registered), ("promotion", promotion), ("metrics", _fmt_metrics(result.metrics)),
     ])
     return 0
+
+
+def _direction(args) -> bool | None:
+    """--higher_is_better as given, or None: the registry infers it from the metric's name."""
+    return None if args.higher_is_better is None else parse_bool("higher_is_better", args.higher_is_better)
 
 
 def _log_options(args) -> dict[str, Any]:
@@ -154,6 +163,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _print_summary(f"{PROG} evaluate: done", [
         _run_row("evaluation run", result.run_id), ("model", args.model), ("data", result.split),
         ("metrics", _fmt_metrics(result.metrics, ("eval_loss", "eval_perplexity", "eval_tokens", "eval_rows"))),
+        ("task (fine-tuned)", _fmt_metrics(result.metrics, TASK_KEYS)),
+        ("task (base)", _fmt_metrics(result.metrics, tuple(C.BASE_PREFIX + k for k in TASK_KEYS))),
     ])
     for row in result.generations:
         print(f"  > {row['prompt']}{row['generated_text']}")
@@ -197,7 +208,7 @@ def _version(registry, name: str, version: str) -> str:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     force = parse_bool("force", args.force)
-    higher = parse_bool("higher_is_better", args.higher_is_better)
+    higher = _direction(args)
     _use_tracking_uri(args.tracking_uri)
     from smolora_mlflow import registry
 

@@ -167,9 +167,11 @@ def _add_lifecycle_commands(subs) -> None:
              "flavor, register a version (when registered_model_name is set) and, with --promote, promote it\n"
              "if it beats the current Production version. Training and evaluation are nested runs.")
     _flag(p, "promote", "Promote the new version (gated on --metric) after registering it.")
-    p.add_argument("--metric", default="eval_loss", help="Metric that gates the promotion (default: eval_loss).")
+    p.add_argument("--metric", default="eval_loss",
+                   help="Metric that gates the promotion: eval_loss (default), eval_perplexity, or with "
+                        "--task_eval exact_match, contains_answer, regex_match, answer_length.")
     p.add_argument("--min_delta", type=float, default=0.0, help="The new version must win by more than this.")
-    _flag(p, "higher_is_better", "The gating metric is better when higher.")
+    _direction_option(p)
     _add_model_log_options(p)
     p.add_argument("--eval_dataset", help="Evaluate on all rows of this dataset instead of the held-out split.")
     add_config_options(p)
@@ -188,6 +190,12 @@ def _add_lifecycle_commands(subs) -> None:
                    help="Run id, runs:/ or models:/ URI, MLflow model folder, merged or adapter folder.")
     p.add_argument("--eval_dataset", help="Score all rows of this dataset (a file, folder or hub id).")
     add_config_options(p)
+
+
+def _direction_option(p) -> None:
+    p.add_argument("--higher_is_better", nargs="?", const="true", default=None, metavar="BOOL",
+                   help="The metric is better when higher (default: inferred; task scores such as exact_match "
+                        "are higher-is-better, losses lower-is-better).")
 
 
 def _resume_option(p) -> None:
@@ -224,8 +232,10 @@ def _add_registry_commands(subs) -> None:
     p.add_argument("name")
     p.add_argument("version", nargs="?", default="latest", help="Version number or `latest` (default).")
     p.add_argument("--to", default="Production", help="Staging or Production (default).")
-    p.add_argument("--metric", default="eval_loss", help="Metric to compare (default: eval_loss).")
-    _flag(p, "higher_is_better", "The metric is better when higher.")
+    p.add_argument("--metric", default="eval_loss",
+                   help="Metric to compare (default: eval_loss); any metric of the version's evaluation, e.g. "
+                        "exact_match, contains_answer, regex_match, answer_length.")
+    _direction_option(p)
     p.add_argument("--min_delta", type=float, default=0.0, help="Must win by more than this (default 0).")
     _flag(p, "force", "Promote even if the gate says no (needs --reason).")
     p.add_argument("--reason", help="Why (required with --force).")

@@ -131,10 +131,25 @@ def history_rows(versions: Iterable[ModelVersion]) -> list[dict[str, Any]]:
 
 
 def metric_value(client: MlflowClient, mv: ModelVersion, metric: str) -> float | None:
-    """The version's ``smolora.metric.<metric>`` tag, else the latest value in its run, else None."""
+    """The version's ``smolora.metric.<metric>`` tag, else the latest value linked to its LoggedModel
+    (what ``smolora evaluate`` logs with ``model_id``), else the latest value in its run, else None."""
     if METRIC_TAG_PREFIX + metric in mv.tags:
         return float(mv.tags[METRIC_TAG_PREFIX + metric])
+    model_id = getattr(mv, "model_id", None) or mv.tags.get(C.TAG_MODEL_ID)
+    if model_id:
+        try:
+            points = [m for m in (client.get_logged_model(model_id).metrics or []) if m.key == metric]
+        except MlflowException:  # the logged model was deleted: the run still holds its metrics
+            points = []
+        if points:
+            return float(max(points, key=lambda m: (m.timestamp, m.step)).value)
     return client.get_run(mv.run_id).data.metrics.get(metric) if mv.run_id else None
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether ``metric`` improves upwards (task scores, accuracy; their ``base_`` twins too); losses,
+    perplexity and anything unknown improve downwards."""
+    return metric.removeprefix(C.BASE_PREFIX) in C.HIGHER_IS_BETTER
 
 
 # --- what a reference to a model means --------------------------------------------------------------

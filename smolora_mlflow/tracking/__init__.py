@@ -271,6 +271,16 @@ class RunTracker:
         """Called by the callback when training starts: the parameter counts, and the tokenizer for samples."""
         self._tokenizer = tokenizer
         self.log_model_stats(model)
+        self.log_prompt_format(tokenizer)
+
+    def log_prompt_format(self, tokenizer) -> None:
+        """Which prompt format training used and, for chat, the template itself (tag with its sha256)."""
+        from smolora_mlflow.tracking.record import prompt_tags
+
+        tags = prompt_tags(self.cfg.prompt_format, tokenizer)
+        self._put("tags", tags=tags)
+        if C.TAG_CHAT_TEMPLATE_SHA256 in tags:
+            self._put("text", text=tokenizer.chat_template, artifact_file=C.ARTIFACT_CHAT_TEMPLATE)
 
     def log_model_stats(self, model) -> None:
         """Trainable and total parameter counts (PEFT's own count) as params and as metrics at step 0."""
@@ -289,7 +299,7 @@ class RunTracker:
         """Generate on the fixed sample prompts and append the rows (with `step`) to the run's table."""
         import pandas as pd
 
-        from smolora_mlflow.models.generation import generate
+        from smolora_mlflow.models.generation import generate, render_prompts
 
         self.last_eval_step = step
         tokenizer = tokenizer or self._tokenizer
@@ -300,7 +310,8 @@ class RunTracker:
         model.eval()
         try:
             # One generate call for a typical prompt set, not one per 8 prompts.
-            outputs = generate(model, tokenizer, prompts, batch_size=min(len(prompts), 32),
+            outputs = generate(model, tokenizer, render_prompts(tokenizer, prompts, self.cfg.prompt_format),
+                               batch_size=min(len(prompts), 32),
                                max_new_tokens=self.cfg.sample_max_new_tokens)
         finally:
             model.train(was_training)

@@ -20,7 +20,7 @@ from typing import Any
 from transformers.trainer_callback import ProgressCallback
 
 from smolora_mlflow.config import SmoloraConfig
-from smolora_mlflow.data import PreparedData, prepare_data
+from smolora_mlflow.data import PreparedData, as_chat, prepare_data
 from smolora_mlflow.models import generation
 from smolora_mlflow.models import io as modelio
 from smolora_mlflow.models.adapters import BASE_INFO_FILE
@@ -179,11 +179,17 @@ class SmoLoRA:
             checkpoint_dir_of_run=lambda run_id: _checkpoint_dir_of_run(run_id, cfg.tracking_uri),
         )
         model, tokenizer = self._load_base()
+        # `auto` becomes what it means for this tokenizer, so the run, the evaluation and the logged model
+        # all record (and use) the same prompt format.
+        fmt = generation.resolve_prompt_format(cfg.prompt_format, tokenizer, cfg.base_model)
+        if fmt != cfg.prompt_format:
+            self.config = cfg = cfg.replace(prompt_format=fmt)
+        train_data = as_chat(data) if fmt == "chat" else data
         tracker = make_tracker(cfg, data, self.base_info, device=self.device.type)
         resume_run = checkpoints.read_run_id(resume) if resume else None
         with tracker.run(resume_run_id=resume_run) as run_id:
             self.run_id = run_id
-            trainer = self._build_trainer(model, tokenizer, data, tracker)
+            trainer = self._build_trainer(model, tokenizer, train_data, tracker)
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             metrics = dict(output.metrics)
             if data.eval is not None:

@@ -25,6 +25,8 @@ def _lineage(lora) -> dict[str, Any]:
         "base_model": cfg.base_model,
         "base_model_revision": cfg.base_model_revision or info.get("revision"),
         "base_model_sha256": info.get("sha256"),
+        # train() resolved `auto`; a SmoLoRA that never trained here serves prompts as they come.
+        "prompt_format": cfg.prompt_format if cfg.prompt_format in ("chat", "plain") else "plain",
         "lora_config": {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
                         "target_modules": list(cfg.lora_target_modules), "bias": cfg.lora_bias},
     }
