@@ -65,7 +65,8 @@ def test_task_eval_gates_promotion_and_chat_template_is_used_everywhere(tracking
     cfg = SmoloraConfig(**{**TINY_TRAINING, "max_steps": 40, "max_samples": None, "learning_rate": 0.01,
                            "lora_target_modules": ["all-linear"]},
                         dataset=str(data), prompt_format="chat", task_eval=True, task_answer_regex=r"{answer}",
-                        task_max_new_tokens=6, output_dir=str(tmp_path / "out"), registered_model_name="qa")
+                        task_max_new_tokens=6, task_max_rows=12, output_dir=str(tmp_path / "out"),
+                        registered_model_name="qa")
     result = run_pipeline(cfg, promote=True, eval_dataset=str(data), promote_options={"metric": "exact_match"},
                           log_model_options={"pip_requirements": ["torch", "transformers", "mlflow"]})
     client = mlflow.MlflowClient()
@@ -91,7 +92,7 @@ def test_task_eval_gates_promotion_and_chat_template_is_used_everywhere(tracking
     assert m[f"{C.METRIC_EXACT_MATCH}/mean"] == pytest.approx(m[C.METRIC_EXACT_MATCH])
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{result.eval_run_id}/{C.ARTIFACT_TASK_EVAL}"))
     assert {"prompt", "expected", "answer", "base_answer", "exact_match", "base_exact_match"} <= set(table["columns"])
-    assert len(table["data"]) == len(PAIRS) * 8
+    assert len(table["data"]) == 12  # task_max_rows
 
     # The metrics are on the logged model too, and on the registered version; promotion gated on exact_match.
     model_id = result.model_uri.removeprefix("models:/")

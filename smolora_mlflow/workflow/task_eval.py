@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -73,6 +74,24 @@ def run_task_eval(loaded, split, cfg: SmoloraConfig, *, base=None, model_id: str
     data = [{"inputs": {"prompt": r["prompt"]}, "outputs": r["answer"],
              "expectations": {"expected_response": r["expected"]}} for r in table]
     # MLflow prints a banner when an evaluation ends; the CLI's stdout is for results, so it goes to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _eval_workers_for_store(mlflow.get_tracking_uri()):
         mlflow.genai.evaluate(data=data, scorers=tasks.genai_scorers(cfg.task_answer_regex), model_id=model_id)
     return metrics
+
+
+@contextlib.contextmanager
+def _eval_workers_for_store(uri: str):
+    """Fewer evaluation threads on a SQLite store (unless the user set MLFLOW_GENAI_EVAL_MAX_WORKERS).
+
+    MLflow's default of 10 scoring threads, each writing a trace, next to its 10 trace-export threads,
+    exhausts SQLAlchemy's pool of 15 connections to the SQLite file: trace writes then wait 30 s and fail.
+    """
+    key = "MLFLOW_GENAI_EVAL_MAX_WORKERS"
+    if not uri.startswith("sqlite") or key in os.environ:
+        yield
+        return
+    os.environ[key] = "2"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
