@@ -157,14 +157,19 @@ class RunTracker:
         target = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
         if target and active is not None and active.info.run_id == target:
             return active, False, True
+        system = system_metrics_option(self.cfg)
         if target:  # the checkpoint's run, or the one `mlflow run` made: keep its name unless one was given
-            return mlflow.start_run(run_id=target, run_name=self.cfg.run_name, nested=active is not None), True, True
+            run = mlflow.start_run(run_id=target, run_name=self.cfg.run_name, nested=active is not None,
+                                   log_system_metrics=system)
+            return run, True, True
         if active is not None:  # e.g. the parent run of a workflow: the training is its child
             run = mlflow.start_run(run_name=self._default_run_name(), nested=True,
-                                   experiment_id=active.info.experiment_id)
+                                   experiment_id=active.info.experiment_id, log_system_metrics=system)
             return run, True, False
         experiment_id = experiment_id_for(self.cfg.experiment_name, self.client)
-        return mlflow.start_run(run_name=self._default_run_name(), experiment_id=experiment_id), True, False
+        run = mlflow.start_run(run_name=self._default_run_name(), experiment_id=experiment_id,
+                               log_system_metrics=system)
+        return run, True, False
 
     def _default_run_name(self) -> str:
         cfg = self.cfg
@@ -357,6 +362,21 @@ class RunTracker:
 
         self.buffer.send()  # metrics logged before this write go before it
         self.buffer.outbox.put(Op(kind, payload))
+
+
+def system_metrics_option(cfg: SmoloraConfig) -> bool | None:
+    """``log_system_metrics`` for ``mlflow.start_run``: True with ``cfg.system_metrics`` (at its sampling
+    interval), else None, so MLflow's own ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` still decides.
+
+    MLflow's monitor samples CPU and memory (psutil), disk and network, and GPU utilisation and memory where
+    pynvml (NVIDIA) or pyrsmi (AMD) is installed, as ``system/...`` metrics of the run.
+    """
+    if not cfg.system_metrics:
+        return None
+    import mlflow
+
+    mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_interval)
+    return True
 
 
 def _forget_active_run() -> None:
