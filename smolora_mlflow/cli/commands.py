@@ -113,6 +113,32 @@ def _direction(args) -> bool | None:
     return None if args.higher_is_better is None else parse_bool("higher_is_better", args.higher_is_better)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from smolora_mlflow.workflow import check_pipeline_config
+
+    cfg = build_config(args)
+    promote = parse_bool("promote", args.promote)
+    check_pipeline_config(cfg, promote=promote)
+    _use_tracking_uri(cfg.tracking_uri)
+    from smolora_mlflow.workflow.sweep import run_sweep
+
+    result = run_sweep(cfg, promote=promote, promote_options={"min_delta": args.min_delta},
+                       log_model_options=_log_options(args), on_step=lambda msg: _err(f"==> {msg}"))
+    d = result.promotion
+    _print_summary(f"{PROG} sweep: done", [
+        _run_row("sweep run", result.parent_run_id), _run_row("best trial run", result.best_run_id),
+        ("best params", json.dumps(result.best_params)), (cfg.sweep_metric, f"{result.best_value:.6g}"),
+        ("model URI", result.model_uri),
+        ("registered", f"{cfg.registered_model_name} version {result.registered_version}"
+         if result.registered_version else None),
+        ("promotion", None if d is None else f"{'promoted to ' + d.stage if d.promoted else 'not promoted'}: "
+                                             f"{d.reason}"),
+    ])
+    for t in sorted(result.trials, key=lambda t: t["number"]):
+        print(f"  trial {t['number']}: {cfg.sweep_metric}={t['value']:.6g}  {json.dumps(t['params'])}  {t['run_id']}")
+    return 0
+
+
 def _log_options(args) -> dict[str, Any]:
     req = _pip_requirements(args.pip_requirements)
     return {"pip_requirements": req} if req is not None else {}
@@ -358,7 +384,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 # The handler of each subcommand of the parser (`smolora_mlflow.cli.parser.build_parser`).
 COMMANDS = {
-    "run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate,
+    "run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
     "register": cmd_register, "transition": cmd_transition, "promote": cmd_promote, "rollback": cmd_rollback,
     "versions": cmd_versions,
     "predict": cmd_predict, "serve": cmd_serve, "sync": cmd_sync,

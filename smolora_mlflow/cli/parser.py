@@ -26,7 +26,7 @@ from smolora_mlflow.config import (
 )
 
 PROG = "smolora"
-CONFIG_COMMANDS = ("run", "train", "evaluate")
+CONFIG_COMMANDS = ("run", "train", "evaluate", "sweep")
 _CFG_PREFIX = "cfg__"
 
 
@@ -174,6 +174,17 @@ def _add_lifecycle_commands(subs) -> None:
     _direction_option(p)
     _add_model_log_options(p)
     p.add_argument("--eval_dataset", help="Evaluate on all rows of this dataset instead of the held-out split.")
+    add_config_options(p)
+
+    p = _sub(subs, "sweep", "Hyperparameter search with Optuna: one parent run, a nested run per trial, the best "
+                            "registered.",
+             "Train sweep_trials trials over sweep_space (e.g. --sweep_space 'lora_r=choice:4|8|16,learning_rate=\n"
+             "log:1e-4..1e-2'), each a run nested under one sweep run, optimising sweep_metric (eval_loss needs\n"
+             "eval_fraction > 0; task scores need --task_eval). The best trial's model is logged, registered\n"
+             "when registered_model_name is set, and with --promote promoted on sweep_metric.")
+    _flag(p, "promote", "Promote the best trial's version (gated on sweep_metric) after registering it.")
+    p.add_argument("--min_delta", type=float, default=0.0, help="The new version must win by more than this.")
+    _add_model_log_options(p)
     add_config_options(p)
 
     p = _sub(subs, "train", "Fine-tune a LoRA adapter and log the merged model (registered if registered_model_name).")
