@@ -49,7 +49,7 @@ def test_sweep_runs_nested_trials_and_registers_the_best(tracking_uri, tmp_path,
     assert client.get_run(pid).data.metrics[C.METRIC_SWEEP_BEST] == pytest.approx(values[best])
 
     table = compare.sweep_trials(pid)
-    assert list(table["run_id"])[0] == best and table["best"].tolist() == [True, False, False]
+    assert table["run_id"].iloc[0] == best and table["best"].tolist() == [True, False, False]
     assert set(table["lora_r"]) <= {2, 4} and table["eval_loss"].is_monotonic_increasing
 
     mv = client.get_model_version("sw", "1")

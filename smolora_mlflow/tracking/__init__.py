@@ -53,6 +53,7 @@ class NullTracker:
     """Does nothing, with the tracker's interface; imports nothing from MLflow."""
 
     run_id = None
+    prompt_format = "plain"
 
     @contextlib.contextmanager
     def run(self, resume_run_id: str | None = None) -> Iterator[str | None]:
@@ -83,6 +84,7 @@ class RunTracker:
         self._loss_history: list[tuple[int, float]] = []
         self._params: dict[str, str] = {}  # what the run holds, so no param is ever sent twice
         self._param_prefix = "resolved."  # where a value that differs from the run's own goes
+        self.prompt_format = "plain"  # what `cfg.prompt_format` resolved to for this tokenizer (set by training)
 
     # --- lifecycle ---
     @contextlib.contextmanager
@@ -282,7 +284,7 @@ class RunTracker:
         """Which prompt format training used and, for chat, the template itself (tag with its sha256)."""
         from smolora_mlflow.tracking.record import prompt_tags
 
-        tags = prompt_tags(self.cfg.prompt_format, tokenizer)
+        tags = prompt_tags(self.prompt_format, tokenizer)
         self._put("tags", tags=tags)
         if C.TAG_CHAT_TEMPLATE_SHA256 in tags:
             self._put("text", text=tokenizer.chat_template, artifact_file=C.ARTIFACT_CHAT_TEMPLATE)
@@ -315,7 +317,7 @@ class RunTracker:
         model.eval()
         try:
             # One generate call for a typical prompt set, not one per 8 prompts.
-            outputs = generate(model, tokenizer, render_prompts(tokenizer, prompts, self.cfg.prompt_format),
+            outputs = generate(model, tokenizer, render_prompts(tokenizer, prompts, self.prompt_format),
                                batch_size=min(len(prompts), 32),
                                max_new_tokens=self.cfg.sample_max_new_tokens)
         finally:

@@ -184,11 +184,13 @@ class SmoLoRA:
         model, tokenizer = self._load_base()
         # `auto` becomes what it means for this tokenizer, so the run, the evaluation and the logged model
         # all record (and use) the same prompt format.
+        # The run logs the config as given; the format `auto` resolved to is its `smolora.prompt_format` tag.
         fmt = generation.resolve_prompt_format(cfg.prompt_format, tokenizer, cfg.base_model)
-        if fmt != cfg.prompt_format:
-            self.config = cfg = cfg.replace(prompt_format=fmt)
         train_data = as_chat(data) if fmt == "chat" else data
         tracker = make_tracker(cfg, data, self.base_info, device=self.device.type)
+        tracker.prompt_format = fmt
+        if fmt != cfg.prompt_format:
+            self.config = cfg = cfg.replace(prompt_format=fmt)
         resume_run = checkpoints.read_run_id(resume) if resume else None
         with tracker.run(resume_run_id=resume_run) as run_id:
             self.run_id = run_id

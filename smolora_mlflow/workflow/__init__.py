@@ -25,7 +25,7 @@ from typing import Any
 
 from smolora_mlflow import constants as C
 from smolora_mlflow.config import ConfigError, SmoloraConfig
-from smolora_mlflow.train.publish import log_trained_model
+from smolora_mlflow.train.publish import _ensure_merged, log_trained_model  # noqa: F401 - tests reach for it
 from smolora_mlflow.workflow.evaluate import EvalResult, evaluate_run
 from smolora_mlflow.workflow.runs import step_run
 
