@@ -140,6 +140,45 @@ class SmoloraConfig:
         metadata=_help("Prompts whose generations are logged at each evaluation."),
     )
     sample_max_new_tokens: int = field(default=20, metadata=_help("Tokens generated per sample prompt."))
+    system_metrics: bool = field(
+        default=False, metadata=_help("Log CPU, memory (and GPU) usage with MLflow's system metrics monitor.")
+    )
+    system_metrics_interval: float = field(
+        default=10.0, metadata=_help("Seconds between system-metric samples, > 0.")
+    )
+    checkpoint_models: bool = field(
+        default=True,
+        metadata=_help("Log each kept checkpoint (latest, best, top save_total_limit) as an MLflow LoggedModel."),
+    )
+    # --- prompts and task evaluation ---
+    prompt_format: Literal["auto", "chat", "plain"] = field(
+        default="auto",
+        metadata=_help("How prompts reach the model in training, evaluation and serving: `chat` wraps "
+                       "prompt/completion rows and plain prompts in the tokenizer's chat template, `plain` uses "
+                       "them as text, `auto` is chat for instruction-tuned bases (a chat template and "
+                       "instruct/chat/-it in the name)."),
+    )
+    task_eval: bool = field(
+        default=False,
+        metadata=_help("Also score generated answers of the eval rows (exact_match, contains_answer, "
+                       "regex_match, answer_length), for the base and the fine-tuned model."),
+    )
+    task_max_rows: int = field(default=100, metadata=_help("Rows the task evaluation scores at most, >= 1."))
+    task_max_new_tokens: int = field(default=32, metadata=_help("Tokens generated per task-evaluation answer."))
+    task_answer_regex: str | None = field(
+        default=None,
+        metadata=_help("Regex a correct answer matches (regex_match); `{answer}` stands for the expected "
+                       "answer, escaped. Unset: regex_match is not computed."),
+    )
+    # --- sweep ---
+    sweep_trials: int = field(default=4, metadata=_help("Trials of `smolora sweep`, >= 1."))
+    sweep_space: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_help("Search space of `smolora sweep`, field=choice:A|B|C, int:LOW..HIGH, float:LOW..HIGH or "
+                       "log:LOW..HIGH (log-uniform), e.g. lora_r=choice:4|8|16,learning_rate=log:1e-4..1e-2."),
+    )
+    sweep_metric: str = field(default="eval_loss", metadata=_help("Metric a sweep optimises and promotes on."))
+    sweep_sampler: Literal["tpe", "random"] = field(default="tpe", metadata=_help("Optuna sampler of a sweep."))
 
     def __post_init__(self) -> None:
         self.lora_target_modules = _as_list(self.lora_target_modules)
@@ -308,6 +347,10 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("chunk_words", lambda v: v >= 0, "an integer >= 0"),
     ("max_samples", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     ("sample_max_new_tokens", lambda v: 1 <= v <= 1024, "an integer in 1..1024"),
+    ("system_metrics_interval", lambda v: v > 0, "a number > 0"),
+    ("task_max_rows", lambda v: v >= 1, "an integer >= 1"),
+    ("task_max_new_tokens", lambda v: 1 <= v <= 1024, "an integer in 1..1024"),
+    ("sweep_trials", lambda v: 1 <= v <= 10000, "an integer in 1..10000"),
 ]
 
 
@@ -323,6 +366,12 @@ def _range_problems(cfg: SmoloraConfig) -> list[str]:
     for name in ("base_model", "dataset", "output_dir", "experiment_name"):
         if name not in bad_types and not getattr(cfg, name).strip():
             problems.append(f"`{name}` must not be empty.")
+    if "task_answer_regex" not in bad_types and cfg.task_answer_regex is not None:
+        try:
+            re.compile(cfg.task_answer_regex.replace("{answer}", "x"))
+        except re.error as e:
+            problems.append(f"`task_answer_regex` must be a valid regular expression, got "
+                            f"{cfg.task_answer_regex!r} ({e}).")
     if "lora_target_modules" not in bad_types and not cfg.lora_target_modules:
         problems.append("`lora_target_modules` must name at least one module, or be `all-linear`.")
     return problems

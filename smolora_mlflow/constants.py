@@ -61,3 +61,32 @@ ARTIFACT_GENERATIONS = "generations.json"  # mlflow.log_table file, with a `step
 
 # File written next to each checkpoint so a resume finds its MLflow run.
 RUN_ID_FILE = "mlflow_run_id.txt"
+
+# Prompts: which format a run trained with, and the chat template it used.
+TAG_PROMPT_FORMAT = "smolora.prompt_format"  # chat | plain
+TAG_CHAT_TEMPLATE_SHA256 = "smolora.chat_template_sha256"
+ARTIFACT_CHAT_TEMPLATE = "prompt/chat_template.jinja"
+
+# Task evaluation: scores of generated answers (each also logged as BASE_PREFIX + name for the base model).
+METRIC_EXACT_MATCH = "exact_match"
+METRIC_CONTAINS_ANSWER = "contains_answer"
+METRIC_REGEX_MATCH = "regex_match"
+METRIC_ANSWER_LENGTH = "answer_length"  # mean characters of a generated answer
+TASK_METRICS = (METRIC_EXACT_MATCH, METRIC_CONTAINS_ANSWER, METRIC_REGEX_MATCH, METRIC_ANSWER_LENGTH)
+BASE_PREFIX = "base_"
+ARTIFACT_TASK_EVAL = "task_eval.json"  # mlflow.log_table: prompt, expected, base and fine-tuned answers, scores
+# Metrics that are better when higher (promotion infers the direction from this; others are lower-is-better).
+HIGHER_IS_BETTER = frozenset({METRIC_EXACT_MATCH, METRIC_CONTAINS_ANSWER, METRIC_REGEX_MATCH,
+                              "mean_token_accuracy"})
+
+# Checkpoints logged as MLflow LoggedModels.
+TAG_CHECKPOINT_STEP = "smolora.checkpoint.step"
+TAG_CHECKPOINT_ROLE = "smolora.checkpoint.role"  # comma-separated: latest, best
+TAG_CHECKPOINT_RANK = "smolora.checkpoint.rank"  # 1 = best on the ranking metric
+CHECKPOINT_MODEL_PREFIX = "checkpoint-"
+
+# Sweeps.
+TAG_SWEEP_RUN_ID = "smolora.sweep_run_id"  # on each trial run
+TAG_SWEEP_TRIAL = "smolora.sweep_trial"
+TAG_SWEEP_BEST_RUN_ID = "smolora.sweep_best_run_id"  # on the sweep's parent run
+METRIC_SWEEP_BEST = "best_value"

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from smolora_mlflow import constants as C
 from smolora_mlflow.cli.parser import PROG, UsageError, build_config
 from smolora_mlflow.config import parse_bool
 
@@ -65,6 +66,9 @@ def _fmt_metrics(metrics: dict[str, float], keys: tuple[str, ...] = ("train_loss
     return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
+TASK_KEYS = C.TASK_METRICS
+
+
 def _run_row(label: str, run_id: str | None) -> tuple[str, str | None]:
     link = _ui_link(run_id)
     return label, (f"{run_id}  {link}" if link else run_id)
@@ -79,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     promote = parse_bool("promote", args.promote)
-    higher = parse_bool("higher_is_better", args.higher_is_better)
+    higher = _direction(args)
     check_pipeline_config(cfg, promote=promote)
     _use_tracking_uri(cfg.tracking_uri)
     from smolora_mlflow.workflow import run_pipeline
@@ -101,6 +105,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         _run_row("evaluation run", result.eval_run_id), ("model URI", result.model_uri),
         ("registered", registered), ("promotion", promotion), ("metrics", _fmt_metrics(result.metrics)),
     ])
+    return 0
+
+
+def _direction(args) -> bool | None:
+    """--higher_is_better as given, or None: the registry infers it from the metric's name."""
+    return None if args.higher_is_better is None else parse_bool("higher_is_better", args.higher_is_better)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from smolora_mlflow.workflow import check_pipeline_config
+
+    cfg = build_config(args)
+    promote = parse_bool("promote", args.promote)
+    check_pipeline_config(cfg, promote=promote)
+    _use_tracking_uri(cfg.tracking_uri)
+    from smolora_mlflow.workflow.sweep import run_sweep
+
+    result = run_sweep(cfg, promote=promote, promote_options={"min_delta": args.min_delta},
+                       log_model_options=_log_options(args), on_step=lambda msg: _err(f"==> {msg}"))
+    d = result.promotion
+    _print_summary(f"{PROG} sweep: done", [
+        _run_row("sweep run", result.parent_run_id), _run_row("best trial run", result.best_run_id),
+        ("best params", json.dumps(result.best_params)), (cfg.sweep_metric, f"{result.best_value:.6g}"),
+        ("model URI", result.model_uri),
+        ("registered", f"{cfg.registered_model_name} version {result.registered_version}"
+         if result.registered_version else None),
+        ("promotion", None if d is None else f"{'promoted to ' + d.stage if d.promoted else 'not promoted'}: "
+                                             f"{d.reason}"),
+    ])
+    for t in sorted(result.trials, key=lambda t: t["number"]):
+        print(f"  trial {t['number']}: {cfg.sweep_metric}={t['value']:.6g}  {json.dumps(t['params'])}  {t['run_id']}")
     return 0
 
 
@@ -154,6 +189,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _print_summary(f"{PROG} evaluate: done", [
         _run_row("evaluation run", result.run_id), ("model", args.model), ("data", result.split),
         ("metrics", _fmt_metrics(result.metrics, ("eval_loss", "eval_perplexity", "eval_tokens", "eval_rows"))),
+        ("task (fine-tuned)", _fmt_metrics(result.metrics, TASK_KEYS)),
+        ("task (base)", _fmt_metrics(result.metrics, tuple(C.BASE_PREFIX + k for k in TASK_KEYS))),
     ])
     for row in result.generations:
         print(f"  > {row['prompt']}{row['generated_text']}")
@@ -197,7 +234,7 @@ def _version(registry, name: str, version: str) -> str:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     force = parse_bool("force", args.force)
-    higher = parse_bool("higher_is_better", args.higher_is_better)
+    higher = _direction(args)
     _use_tracking_uri(args.tracking_uri)
     from smolora_mlflow import registry
 
@@ -361,7 +398,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 # The handler of each subcommand of the parser (`smolora_mlflow.cli.parser.build_parser`).
 COMMANDS = {
-    "run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate,
+    "run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
     "register": cmd_register, "transition": cmd_transition, "promote": cmd_promote, "rollback": cmd_rollback,
     "versions": cmd_versions,
     "predict": cmd_predict, "serve": cmd_serve, "sync": cmd_sync,

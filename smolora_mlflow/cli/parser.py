@@ -26,7 +26,7 @@ from smolora_mlflow.config import (
 )
 
 PROG = "smolora"
-CONFIG_COMMANDS = ("run", "train", "evaluate")
+CONFIG_COMMANDS = ("run", "train", "evaluate", "sweep")
 _CFG_PREFIX = "cfg__"
 
 
@@ -167,11 +167,24 @@ def _add_lifecycle_commands(subs) -> None:
              "flavor, register a version (when registered_model_name is set) and, with --promote, promote it\n"
              "if it beats the current Production version. Training and evaluation are nested runs.")
     _flag(p, "promote", "Promote the new version (gated on --metric) after registering it.")
-    p.add_argument("--metric", default="eval_loss", help="Metric that gates the promotion (default: eval_loss).")
+    p.add_argument("--metric", default="eval_loss",
+                   help="Metric that gates the promotion: eval_loss (default), eval_perplexity, or with "
+                        "--task_eval exact_match, contains_answer, regex_match, answer_length.")
     p.add_argument("--min_delta", type=float, default=0.0, help="The new version must win by more than this.")
-    _flag(p, "higher_is_better", "The gating metric is better when higher.")
+    _direction_option(p)
     _add_model_log_options(p)
     p.add_argument("--eval_dataset", help="Evaluate on all rows of this dataset instead of the held-out split.")
+    add_config_options(p)
+
+    p = _sub(subs, "sweep", "Hyperparameter search with Optuna: one parent run, a nested run per trial, the best "
+                            "registered.",
+             "Train sweep_trials trials over sweep_space (e.g. --sweep_space 'lora_r=choice:4|8|16,learning_rate=\n"
+             "log:1e-4..1e-2'), each a run nested under one sweep run, optimising sweep_metric (eval_loss needs\n"
+             "eval_fraction > 0; task scores need --task_eval). The best trial's model is logged, registered\n"
+             "when registered_model_name is set, and with --promote promoted on sweep_metric.")
+    _flag(p, "promote", "Promote the best trial's version (gated on sweep_metric) after registering it.")
+    p.add_argument("--min_delta", type=float, default=0.0, help="The new version must win by more than this.")
+    _add_model_log_options(p)
     add_config_options(p)
 
     p = _sub(subs, "train", "Fine-tune a LoRA adapter and log the merged model (registered if registered_model_name).")
@@ -188,6 +201,12 @@ def _add_lifecycle_commands(subs) -> None:
                    help="Run id, runs:/ or models:/ URI, MLflow model folder, merged or adapter folder.")
     p.add_argument("--eval_dataset", help="Score all rows of this dataset (a file, folder or hub id).")
     add_config_options(p)
+
+
+def _direction_option(p) -> None:
+    p.add_argument("--higher_is_better", nargs="?", const="true", default=None, metavar="BOOL",
+                   help="The metric is better when higher (default: inferred; task scores such as exact_match "
+                        "are higher-is-better, losses lower-is-better).")
 
 
 def _resume_option(p) -> None:
@@ -224,8 +243,10 @@ def _add_registry_commands(subs) -> None:
     p.add_argument("name")
     p.add_argument("version", nargs="?", default="latest", help="Version number or `latest` (default).")
     p.add_argument("--to", default="Production", help="Staging or Production (default).")
-    p.add_argument("--metric", default="eval_loss", help="Metric to compare (default: eval_loss).")
-    _flag(p, "higher_is_better", "The metric is better when higher.")
+    p.add_argument("--metric", default="eval_loss",
+                   help="Metric to compare (default: eval_loss); any metric of the version's evaluation, e.g. "
+                        "exact_match, contains_answer, regex_match, answer_length.")
+    _direction_option(p)
     p.add_argument("--min_delta", type=float, default=0.0, help="Must win by more than this (default 0).")
     _flag(p, "force", "Promote even if the gate says no (needs --reason).")
     p.add_argument("--reason", help="Why (required with --force).")

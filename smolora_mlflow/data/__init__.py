@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -128,6 +129,34 @@ def prepare_data(cfg: SmoloraConfig, dataset: Any = None) -> PreparedData:
         name=src.name,
         fingerprint=_fingerprint(train_rows, eval_rows),
     )
+
+
+def as_chat(data: PreparedData) -> PreparedData:
+    """``data`` with prompt/completion rows as chat turns (TRL's conversational prompt-completion), so
+    training renders them with the tokenizer's chat template; other formats are returned as they are.
+
+    The fingerprint and the format name stay: the rows are the same data, rendered differently (the run
+    records how in its ``prompt_format`` param and ``smolora.prompt_format`` tag).
+    """
+    from smolora_mlflow.models.generation import chat_messages
+
+    if data.format != "prompt_completion":
+        return data
+
+    def turns(row: dict[str, str]) -> dict[str, Any]:
+        user, assistant = chat_messages(row["prompt"], row["completion"])
+        return {"prompt": [user], "completion": [assistant]}
+
+    def convert(ds):
+        return None if ds is None else datasets_from_list([turns(r) for r in ds.to_list()], ds.split)
+
+    return dataclasses.replace(data, train=convert(data.train), eval=convert(data.eval))
+
+
+def datasets_from_list(rows: list[dict[str, Any]], split: Any) -> datasets.Dataset:
+    import datasets
+
+    return datasets.Dataset.from_list(rows, split=split)
 
 
 def detect_format(columns: list[str], cfg: SmoloraConfig, where: str = IN_MEMORY) -> Format:

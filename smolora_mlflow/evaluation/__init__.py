@@ -89,10 +89,27 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def encode_row(tokenizer, row: dict[str, Any], fmt: str, max_length: int) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of one row, labels ``-100`` where nothing is scored."""
+def _chat_ids(tokenizer, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+
+
+def encode_row(tokenizer, row: dict[str, Any], fmt: str, max_length: int,
+               prompt_format: str = "plain") -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one row, labels ``-100`` where nothing is scored.
+
+    With ``prompt_format="chat"`` a prompt/completion row is scored as TRL trains it: the prompt as a
+    user turn with the generation prompt, the completion as the assistant turn of the chat template.
+    """
     eos = tokenizer.eos_token or ""
-    if fmt == "chat":
+    if fmt == "prompt_completion" and prompt_format == "chat":
+        from smolora_mlflow.models.generation import chat_messages
+
+        messages = chat_messages(row["prompt"], row["completion"])
+        prompt_ids = _chat_ids(tokenizer, messages[:1], add_generation_prompt=True)
+        ids = _chat_ids(tokenizer, messages)
+        start = _common_prefix(prompt_ids, ids)
+        labels = [-100] * start + ids[start:]
+    elif fmt == "chat":
         ids = list(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
         labels = list(ids)
     elif fmt == "prompt_completion":
@@ -109,7 +126,7 @@ def encode_row(tokenizer, row: dict[str, Any], fmt: str, max_length: int) -> tup
 
 
 def eval_loss(model, tokenizer, rows: list[dict[str, Any]], fmt: str, *, max_length: int, batch_size: int = 8,
-              progress: bool | None = None) -> dict[str, float]:
+              progress: bool | None = None, prompt_format: str = "plain") -> dict[str, float]:
     """Mean next-token loss over every scored token of ``rows``, and its perplexity.
 
     Returns:
@@ -120,7 +137,7 @@ def eval_loss(model, tokenizer, rows: list[dict[str, Any]], fmt: str, *, max_len
 
     if not rows:
         raise ValueError("no rows to evaluate; pass a dataset with at least one example.")
-    encoded = [encode_row(tokenizer, r, fmt, max_length) for r in rows]
+    encoded = [encode_row(tokenizer, r, fmt, max_length, prompt_format) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -157,11 +174,14 @@ def _progress_enabled() -> bool:
     return progress_enabled()
 
 
-def sample_generations(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:
-    """Greedy completions of ``prompts``, as rows ``{"prompt", "generated_text"}``."""
-    from smolora_mlflow.models.generation import generate
+def sample_generations(model, tokenizer, prompts: list[str], max_new_tokens: int,
+                       prompt_format: str = "plain") -> list[dict[str, str]]:
+    """Greedy completions of ``prompts`` (through the chat template when ``chat``), as rows
+    ``{"prompt", "generated_text"}``."""
+    from smolora_mlflow.models.generation import generate, render_prompts
 
     if not prompts:
         return []
-    outputs = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
+    outputs = generate(model, tokenizer, render_prompts(tokenizer, list(prompts), prompt_format),
+                       max_new_tokens=max_new_tokens)
     return [{"prompt": p, "generated_text": o} for p, o in zip(prompts, outputs, strict=True)]

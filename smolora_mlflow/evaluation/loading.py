@@ -165,3 +165,35 @@ def _load_run_adapter(ref: ModelRef, device: str) -> LoadedModel:
     local = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=C.ARTIFACT_ADAPTER)
     base = client.get_run(ref.run_id).data.tags.get(C.TAG_BASE_MODEL)
     return _load_adapter(Path(local), base, device, source=f"runs:/{ref.run_id}/{C.ARTIFACT_ADAPTER}")
+
+
+def model_id_of(ref: str | os.PathLike) -> str | None:
+    """The MLflow LoggedModel id behind ``ref`` (a ``models:/<id>``, a registered version, a run's logged
+    model), so an evaluation's metrics can be linked to the model itself; None for plain folders."""
+    import mlflow
+
+    parsed = parse_model_ref(ref)
+    if parsed.kind == "logged_model":
+        return parsed.model_id
+    if parsed.kind == "registered":
+        from smolora_mlflow import registry
+
+        mv = registry.resolve(parsed.name, parsed.key)
+        return getattr(mv, "model_id", None) or mv.tags.get(C.TAG_MODEL_ID) or _id_of_source(mv.source)
+    if parsed.kind == "run":
+        if parsed.artifact_path is None:
+            uri = logged_model_uri_of_run(parsed.run_id)
+            return uri.removeprefix("models:/") if uri else None
+        client = mlflow.MlflowClient()
+        run = client.get_run(parsed.run_id)
+        found = client.search_logged_models([run.info.experiment_id],
+                                            filter_string=f"source_run_id = '{parsed.run_id}' AND "
+                                                          f"name = '{parsed.artifact_path}'")
+        return found[0].model_id if found else None
+    return None
+
+
+def _id_of_source(source: str | None) -> str | None:
+    if source and source.startswith("models:/m-"):
+        return source.removeprefix("models:/").split("/")[0]
+    return None

@@ -106,6 +106,7 @@ def save_model(
     base_model_sha256: str | None = None,
     lora_config: dict[str, Any] | None = None,
     training_run_id: str | None = None,
+    prompt_format: str = "plain",
     model_card: str | None = None,
     generation_defaults: dict[str, Any] | None = None,
     max_new_tokens_limit: int = 1024,
@@ -134,6 +135,8 @@ def save_model(
             computed when the base is local).
         lora_config: LoRA settings to record (adapter mode reads them from the adapter).
         training_run_id: the MLflow run that trained the adapter.
+        prompt_format: ``chat`` when training rendered prompts with the chat template: served plain
+            prompts are then rendered the same way; ``plain`` (default) serves them as they come.
         model_card: README text; a card is generated when omitted.
         generation_defaults: defaults for generation params (over the model's generation_config).
         max_new_tokens_limit: largest ``max_new_tokens`` a request may ask for.
@@ -159,7 +162,11 @@ def save_model(
                            training_run_id)
         config_dir = data_dir if mode == "merged" else files.local_base_dir(conf["base_model"])
         defaults = files.generation_defaults(config_dir, generation_defaults, max_new_tokens_limit)
-        conf.update(generation_defaults=defaults, max_new_tokens_limit=max_new_tokens_limit,
+        if prompt_format not in ("chat", "plain"):
+            raise MlflowException.invalid_parameter_value(
+                f"`prompt_format` must be 'chat' or 'plain', got {prompt_format!r}.")
+        conf.update(prompt_format=prompt_format, generation_defaults=defaults,
+                    max_new_tokens_limit=max_new_tokens_limit,
                     max_prompt_tokens=max_prompt_tokens, context_length=files.context_length(config_dir))
         mlflow_model = mlflow_model or Model()
         _save_example(mlflow_model, files.default_input_example(defaults) if input_example is None
@@ -195,6 +202,7 @@ def log_model(
     base_model_sha256: str | None = None,
     lora_config: dict[str, Any] | None = None,
     training_run_id: str | None = None,
+    prompt_format: str = "plain",
     model_card: str | None = None,
     generation_defaults: dict[str, Any] | None = None,
     max_new_tokens_limit: int = 1024,
@@ -228,7 +236,7 @@ def log_model(
         metadata=metadata, model_dir=model_dir, model=model, tokenizer=tokenizer, mode=mode,
         adapter_dir=adapter_dir, base_model=base_model, base_model_revision=base_model_revision,
         base_model_sha256=base_model_sha256, lora_config=lora_config, training_run_id=training_run_id,
-        model_card=model_card, generation_defaults=generation_defaults,
+        prompt_format=prompt_format, model_card=model_card, generation_defaults=generation_defaults,
         max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens, signature=signature,
         input_example=input_example, pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements, conda_env=conda_env, code_paths=code_paths, **kwargs,
@@ -316,6 +324,7 @@ class _SmoloraPyfuncWrapper:
         self.defaults = dict(conf.get("generation_defaults") or {})
         self.max_new_tokens_limit = int(conf.get("max_new_tokens_limit") or 1024)
         self.max_prompt_tokens = conf.get("max_prompt_tokens")
+        self.prompt_format = conf.get("prompt_format") or "plain"  # models saved before it existed: plain
         self.context_length = getattr(model.config, "max_position_embeddings", None) or conf.get(
             "context_length")
         self.batch_size = int(batch_size)
@@ -353,7 +362,7 @@ class _SmoloraPyfuncWrapper:
     def _prepare(self, model_input: Any, params: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
         params = validate_params(params, self.defaults, self.max_new_tokens_limit)
         with self._tokenizer_lock:
-            prompts = to_prompts(model_input, self.tokenizer)
+            prompts = to_prompts(model_input, self.tokenizer, self.prompt_format)
             check_request_size(prompts, self.max_prompts_per_request, self.max_prompt_chars)
             lengths = [count_tokens(self.tokenizer, p) for p in prompts]
         check_prompt_lengths(lengths, params["max_new_tokens"], self.max_prompt_tokens, self.context_length)

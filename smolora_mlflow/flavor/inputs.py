@@ -118,11 +118,12 @@ def _is_missing(x: Any) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
-def _cell_prompts(cell: Any, tokenizer, where: str) -> list[str]:
+def _cell_prompts(cell: Any, tokenizer, where: str, chat: bool = False) -> list[str]:
     if isinstance(cell, str):
         if not cell.strip():
             raise _invalid(f"{where} is an empty string; every prompt must contain text.")
-        return [cell]
+        # A model trained on chat-rendered prompts gets plain prompts as a user turn, as in training.
+        return [_chat(tokenizer, [{"role": "user", "content": cell.strip()}], where)] if chat else [cell]
     if _is_conversation(cell):
         return [_chat(tokenizer, cell, where)]
     if isinstance(cell, (list, tuple, np.ndarray)) and len(cell) > 0 and not _is_message(cell[0]):
@@ -130,7 +131,7 @@ def _cell_prompts(cell: Any, tokenizer, where: str) -> list[str]:
         for j, item in enumerate(cell):
             if not isinstance(item, str):
                 raise _invalid(f"{where}[{j}] must be a string, got {type(item).__name__} {item!r}.")
-            out += _cell_prompts(item, tokenizer, f"{where}[{j}]")
+            out += _cell_prompts(item, tokenizer, f"{where}[{j}]", chat)
         return out
     if _is_missing(cell):
         raise _invalid(f"{where} is missing (null); every prompt must be a non-empty string.")
@@ -139,7 +140,7 @@ def _cell_prompts(cell: Any, tokenizer, where: str) -> list[str]:
     )
 
 
-def _frame_prompts(df: pd.DataFrame, tokenizer) -> list[str]:
+def _frame_prompts(df: pd.DataFrame, tokenizer, chat: bool = False) -> list[str]:
     if PROMPT_COLUMN not in df.columns:
         if {"role", "content"} <= set(df.columns):  # a message list that was turned into a frame
             return [_chat(tokenizer, df.to_dict(orient="records"), "messages")]
@@ -149,24 +150,29 @@ def _frame_prompts(df: pd.DataFrame, tokenizer) -> list[str]:
         )
     out: list[str] = []
     for i, cell in enumerate(df[PROMPT_COLUMN].tolist()):
-        out += _cell_prompts(cell, tokenizer, f"`{PROMPT_COLUMN}` at row {i}")
+        out += _cell_prompts(cell, tokenizer, f"`{PROMPT_COLUMN}` at row {i}", chat)
     return out
 
 
-def to_prompts(model_input: Any, tokenizer) -> list[str]:
-    """Normalise any accepted input to a non-empty list of prompt strings (chat already formatted)."""
+def to_prompts(model_input: Any, tokenizer, prompt_format: str = "plain") -> list[str]:
+    """Normalise any accepted input to a non-empty list of prompt strings (chat already formatted).
+
+    With ``prompt_format="chat"`` (a model trained on chat-rendered prompts) plain string prompts are
+    rendered with the chat template as a user turn too.
+    """
+    chat = prompt_format == "chat"
     x = model_input
     if isinstance(x, pd.Series):
         x = x.to_frame(PROMPT_COLUMN if x.name in (None, 0) else x.name)
     if isinstance(x, np.ndarray):
         x = x.tolist()
     if isinstance(x, str):
-        prompts = _cell_prompts(x, tokenizer, "the prompt")
+        prompts = _cell_prompts(x, tokenizer, "the prompt", chat)
     elif isinstance(x, pd.DataFrame):
-        prompts = _frame_prompts(x, tokenizer)
+        prompts = _frame_prompts(x, tokenizer, chat)
     elif isinstance(x, Mapping):
         if PROMPT_COLUMN in x:
-            prompts = _cell_prompts(_unwrap(x[PROMPT_COLUMN]), tokenizer, f"`{PROMPT_COLUMN}`")
+            prompts = _cell_prompts(_unwrap(x[PROMPT_COLUMN]), tokenizer, f"`{PROMPT_COLUMN}`", chat)
         elif "messages" in x:
             prompts = _cell_prompts(_unwrap(x["messages"]), tokenizer, "`messages`")
         else:
@@ -175,7 +181,7 @@ def to_prompts(model_input: Any, tokenizer) -> list[str]:
                 f"Send {{'{PROMPT_COLUMN}': [...]}}."
             )
     elif isinstance(x, (list, tuple)):
-        prompts = _list_prompts(list(x), tokenizer)
+        prompts = _list_prompts(list(x), tokenizer, chat)
     else:
         raise _invalid(
             f"Unsupported input type {type(model_input).__name__}; send a DataFrame with a "
@@ -190,16 +196,16 @@ def _unwrap(value: Any) -> Any:
     return value.tolist() if isinstance(value, (np.ndarray, pd.Series)) else value
 
 
-def _list_prompts(items: list[Any], tokenizer) -> list[str]:
+def _list_prompts(items: list[Any], tokenizer, chat: bool = False) -> list[str]:
     if not items:
         raise _invalid("The input holds no prompts; send at least one.")
     if _is_conversation(items):
         return [_chat(tokenizer, items, "messages")]
     if all(isinstance(r, Mapping) for r in items):  # records
-        return _frame_prompts(pd.DataFrame(items), tokenizer)
+        return _frame_prompts(pd.DataFrame(items), tokenizer, chat)
     out: list[str] = []
     for i, item in enumerate(items):
-        out += _cell_prompts(item, tokenizer, f"prompt {i}")
+        out += _cell_prompts(item, tokenizer, f"prompt {i}", chat)
     return out
 
 

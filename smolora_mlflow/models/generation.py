@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
@@ -232,3 +233,46 @@ def format_chat(tokenizer, messages: list[dict[str, Any]]) -> str:
     return tokenizer.apply_chat_template(
         [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
     )
+
+
+_INSTRUCT_NAME = re.compile(r"(instruct|chat|-it\b|_it\b|-sft\b)", re.IGNORECASE)
+
+
+def resolve_prompt_format(setting: str, tokenizer, model_name: str = "") -> str:
+    """``chat`` or ``plain``: what the ``prompt_format`` setting means for this tokenizer and base model.
+
+    ``auto`` is ``chat`` when the tokenizer has a chat template and the base model's name says it is
+    instruction-tuned (``instruct``, ``chat``, ``-it``); a bare ``Question? Answer:`` prompt makes such a
+    model end its turn at once. ``chat`` without a chat template is an error naming the fix.
+
+    Example:
+        >>> resolve_prompt_format("auto", tokenizer, "HuggingFaceTB/SmolLM2-135M-Instruct")
+        'chat'
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "plain":
+        return "plain"
+    if setting == "chat":
+        if not has_template:
+            raise ValueError("`prompt_format` is 'chat' but the tokenizer has no chat template; set "
+                             "`prompt_format` to 'plain' or 'auto', or give the tokenizer a `chat_template`.")
+        return "chat"
+    if setting != "auto":
+        raise ValueError(f"`prompt_format` must be 'auto', 'chat' or 'plain', got {setting!r}.")
+    name = f"{model_name} {getattr(tokenizer, 'name_or_path', '')}"
+    return "chat" if has_template and _INSTRUCT_NAME.search(name) else "plain"
+
+
+def chat_messages(prompt: str, completion: str | None = None) -> list[dict[str, str]]:
+    """A prompt (and its completion) as the user (and assistant) turns of a chat."""
+    messages = [{"role": "user", "content": prompt.strip()}]
+    if completion is not None:
+        messages.append({"role": "assistant", "content": completion.strip()})
+    return messages
+
+
+def render_prompts(tokenizer, prompts: list[str], prompt_format: str) -> list[str]:
+    """``prompts`` as the model sees them: through the chat template (as a user turn) when ``chat``."""
+    if prompt_format != "chat":
+        return list(prompts)
+    return [format_chat(tokenizer, chat_messages(p)) for p in prompts]

@@ -221,13 +221,15 @@ def _gate(metric: str, cand: float, incumbent, inc, higher_is_better: bool, min_
 
 
 def promote(name: str, version: int | str, *, to: str = "Production", metric: str = C.METRIC_EVAL_LOSS,
-            higher_is_better: bool = False, min_delta: float = 0.0, force: bool = False,
+            higher_is_better: bool | None = None, min_delta: float = 0.0, force: bool = False,
             reason: str | None = None, user: str | None = None,
             client: MlflowClient | None = None) -> PromotionDecision:
     """Move ``version`` to ``to`` only if it beats the stage's current holder on ``metric``.
 
-    The metric is read from the version's ``smolora.metric.<metric>`` tag, else the latest value in its
-    run. Promotes if there is no holder or the candidate wins by more than ``min_delta``; ``force``
+    The metric is read from the version's ``smolora.metric.<metric>`` tag, else the latest value on its
+    LoggedModel (an evaluation's metrics), else the latest value in its run. Task metrics (``exact_match``,
+    ``contains_answer``, ``regex_match``) are better when higher, losses when lower; ``higher_is_better``
+    overrides. Promotes if there is no holder or the candidate wins by more than ``min_delta``; ``force``
     (with a ``reason``) overrides. The decision and both values are tagged on the candidate either way.
 
     Example:
@@ -242,6 +244,8 @@ def promote(name: str, version: int | str, *, to: str = "Production", metric: st
         raise core.bad("force=True overrides the metric gate and requires a `reason` saying why.")
     if min_delta < 0:
         raise core.bad(f"`min_delta` must be >= 0, got {min_delta!r}.")
+    if higher_is_better is None:
+        higher_is_better = core.higher_is_better(metric)
     mv = core.get_version(client, name, version)
     core.check_legal(mv, target)
     incumbent = core.stage_holder(core.all_versions(client, name), target)

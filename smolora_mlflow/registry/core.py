@@ -131,10 +131,29 @@ def history_rows(versions: Iterable[ModelVersion]) -> list[dict[str, Any]]:
 
 
 def metric_value(client: MlflowClient, mv: ModelVersion, metric: str) -> float | None:
-    """The version's ``smolora.metric.<metric>`` tag, else the latest value in its run, else None."""
+    """The version's ``smolora.metric.<metric>`` tag, else the newest point of ``metric`` in its run or
+    linked to its LoggedModel (what ``smolora evaluate`` logs with ``model_id``, from its own run), else None."""
     if METRIC_TAG_PREFIX + metric in mv.tags:
         return float(mv.tags[METRIC_TAG_PREFIX + metric])
-    return client.get_run(mv.run_id).data.metrics.get(metric) if mv.run_id else None
+    history = list(client.get_metric_history(mv.run_id, metric)) if mv.run_id else []
+    newest_in_run = max((m.timestamp for m in history), default=-1)
+    model_id = getattr(mv, "model_id", None) or mv.tags.get(C.TAG_MODEL_ID)
+    linked = []
+    if model_id:
+        try:
+            linked = [m for m in (client.get_logged_model(model_id).metrics or [])
+                      if m.key == metric and m.timestamp > newest_in_run]
+        except MlflowException:  # the logged model was deleted: the run still holds its metrics
+            linked = []
+    if linked:  # a later evaluation of this model
+        return float(max(linked, key=lambda m: (m.timestamp, m.step)).value)
+    return client.get_run(mv.run_id).data.metrics.get(metric) if history else None
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether ``metric`` improves upwards (task scores, accuracy; their ``base_`` twins too); losses,
+    perplexity and anything unknown improve downwards."""
+    return metric.removeprefix(C.BASE_PREFIX) in C.HIGHER_IS_BETTER
 
 
 # --- what a reference to a model means --------------------------------------------------------------

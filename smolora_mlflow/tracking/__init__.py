@@ -53,6 +53,7 @@ class NullTracker:
     """Does nothing, with the tracker's interface; imports nothing from MLflow."""
 
     run_id = None
+    prompt_format = "plain"
 
     @contextlib.contextmanager
     def run(self, resume_run_id: str | None = None) -> Iterator[str | None]:
@@ -83,6 +84,7 @@ class RunTracker:
         self._loss_history: list[tuple[int, float]] = []
         self._params: dict[str, str] = {}  # what the run holds, so no param is ever sent twice
         self._param_prefix = "resolved."  # where a value that differs from the run's own goes
+        self.prompt_format = "plain"  # what `cfg.prompt_format` resolved to for this tokenizer (set by training)
 
     # --- lifecycle ---
     @contextlib.contextmanager
@@ -157,14 +159,19 @@ class RunTracker:
         target = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
         if target and active is not None and active.info.run_id == target:
             return active, False, True
+        system = system_metrics_option(self.cfg)
         if target:  # the checkpoint's run, or the one `mlflow run` made: keep its name unless one was given
-            return mlflow.start_run(run_id=target, run_name=self.cfg.run_name, nested=active is not None), True, True
+            run = mlflow.start_run(run_id=target, run_name=self.cfg.run_name, nested=active is not None,
+                                   log_system_metrics=system)
+            return run, True, True
         if active is not None:  # e.g. the parent run of a workflow: the training is its child
             run = mlflow.start_run(run_name=self._default_run_name(), nested=True,
-                                   experiment_id=active.info.experiment_id)
+                                   experiment_id=active.info.experiment_id, log_system_metrics=system)
             return run, True, False
         experiment_id = experiment_id_for(self.cfg.experiment_name, self.client)
-        return mlflow.start_run(run_name=self._default_run_name(), experiment_id=experiment_id), True, False
+        run = mlflow.start_run(run_name=self._default_run_name(), experiment_id=experiment_id,
+                               log_system_metrics=system)
+        return run, True, False
 
     def _default_run_name(self) -> str:
         cfg = self.cfg
@@ -271,6 +278,16 @@ class RunTracker:
         """Called by the callback when training starts: the parameter counts, and the tokenizer for samples."""
         self._tokenizer = tokenizer
         self.log_model_stats(model)
+        self.log_prompt_format(tokenizer)
+
+    def log_prompt_format(self, tokenizer) -> None:
+        """Which prompt format training used and, for chat, the template itself (tag with its sha256)."""
+        from smolora_mlflow.tracking.record import prompt_tags
+
+        tags = prompt_tags(self.prompt_format, tokenizer)
+        self._put("tags", tags=tags)
+        if C.TAG_CHAT_TEMPLATE_SHA256 in tags:
+            self._put("text", text=tokenizer.chat_template, artifact_file=C.ARTIFACT_CHAT_TEMPLATE)
 
     def log_model_stats(self, model) -> None:
         """Trainable and total parameter counts (PEFT's own count) as params and as metrics at step 0."""
@@ -289,7 +306,7 @@ class RunTracker:
         """Generate on the fixed sample prompts and append the rows (with `step`) to the run's table."""
         import pandas as pd
 
-        from smolora_mlflow.models.generation import generate
+        from smolora_mlflow.models.generation import generate, render_prompts
 
         self.last_eval_step = step
         tokenizer = tokenizer or self._tokenizer
@@ -300,7 +317,8 @@ class RunTracker:
         model.eval()
         try:
             # One generate call for a typical prompt set, not one per 8 prompts.
-            outputs = generate(model, tokenizer, prompts, batch_size=min(len(prompts), 32),
+            outputs = generate(model, tokenizer, render_prompts(tokenizer, prompts, self.prompt_format),
+                               batch_size=min(len(prompts), 32),
                                max_new_tokens=self.cfg.sample_max_new_tokens)
         finally:
             model.train(was_training)
@@ -346,6 +364,21 @@ class RunTracker:
 
         self.buffer.send()  # metrics logged before this write go before it
         self.buffer.outbox.put(Op(kind, payload))
+
+
+def system_metrics_option(cfg: SmoloraConfig) -> bool | None:
+    """``log_system_metrics`` for ``mlflow.start_run``: True with ``cfg.system_metrics`` (at its sampling
+    interval), else None, so MLflow's own ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` still decides.
+
+    MLflow's monitor samples CPU and memory (psutil), disk and network, and GPU utilisation and memory where
+    pynvml (NVIDIA) or pyrsmi (AMD) is installed, as ``system/...`` metrics of the run.
+    """
+    if not cfg.system_metrics:
+        return None
+    import mlflow
+
+    mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_interval)
+    return True
 
 
 def _forget_active_run() -> None:

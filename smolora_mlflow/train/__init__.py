@@ -20,11 +20,12 @@ from typing import Any
 from transformers.trainer_callback import ProgressCallback
 
 from smolora_mlflow.config import SmoloraConfig
-from smolora_mlflow.data import PreparedData, prepare_data
+from smolora_mlflow.data import PreparedData, as_chat, prepare_data
 from smolora_mlflow.models import generation
 from smolora_mlflow.models import io as modelio
 from smolora_mlflow.models.adapters import BASE_INFO_FILE
 from smolora_mlflow.train import checkpoints
+from smolora_mlflow.train.checkpoint_models import CheckpointModels
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ class SmoLoRA:
         self.data: PreparedData | None = None
         self.run_id: str | None = None
         self.base_info: dict[str, Any] = {}
+        self._checkpoint_models: CheckpointModels | None = None
+        self.checkpoint_roles: dict[str, str] = {}  # best / latest -> LoggedModel id of the checkpoint
 
     # --- training ---
     def prepare(self) -> PreparedData:
@@ -179,12 +182,24 @@ class SmoLoRA:
             checkpoint_dir_of_run=lambda run_id: _checkpoint_dir_of_run(run_id, cfg.tracking_uri),
         )
         model, tokenizer = self._load_base()
+        # `auto` becomes what it means for this tokenizer, so the run, the evaluation and the logged model
+        # all record (and use) the same prompt format.
+        # The run logs the config as given; the format `auto` resolved to is its `smolora.prompt_format` tag.
+        fmt = generation.resolve_prompt_format(cfg.prompt_format, tokenizer, cfg.base_model)
+        train_data = as_chat(data) if fmt == "chat" else data
         tracker = make_tracker(cfg, data, self.base_info, device=self.device.type)
+        tracker.prompt_format = fmt
+        if fmt != cfg.prompt_format:
+            self.config = cfg = cfg.replace(prompt_format=fmt)
         resume_run = checkpoints.read_run_id(resume) if resume else None
         with tracker.run(resume_run_id=resume_run) as run_id:
             self.run_id = run_id
-            trainer = self._build_trainer(model, tokenizer, data, tracker)
+            self._checkpoint_models = (CheckpointModels(self, lambda: tracker.run_id)
+                                       if run_id and cfg.checkpoint_models and cfg.save_steps > 0 else None)
+            trainer = self._build_trainer(model, tokenizer, train_data, tracker)
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            if self._checkpoint_models is not None:
+                self.checkpoint_roles = self._checkpoint_models.finish(cfg.save_total_limit)
             metrics = dict(output.metrics)
             if data.eval is not None:
                 metrics.update(_with_perplexity(_final_eval(trainer)))
@@ -198,7 +213,8 @@ class SmoLoRA:
         sft_args = get_sft_config(self.config, device=self.device.type, dtype=self.dtype,
                                   has_eval=data.eval is not None, output_dir=str(self.output_dir))
         # The tracker's on_save delivers the metrics up to a checkpoint before the marker makes it resumable.
-        callbacks = [*tracker.callbacks(), checkpoints.CheckpointMarkerCallback(lambda: tracker.run_id)]
+        publish = self._checkpoint_models.log if self._checkpoint_models is not None else None
+        callbacks = [*tracker.callbacks(), checkpoints.CheckpointMarkerCallback(lambda: tracker.run_id, publish)]
         with modelio.quiet_upstream_deprecations():
             trainer = self._make_sft_trainer(model, sft_args, data, tokenizer, callbacks)
         _drop_stock_mlflow_callback(trainer)

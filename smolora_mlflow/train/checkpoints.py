@@ -95,8 +95,9 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike, checkpoint_
 class CheckpointMarkerCallback(TrainerCallback):
     """Marks a checkpoint complete, and ties it to its MLflow run, once the Trainer has written it."""
 
-    def __init__(self, run_id_getter):
+    def __init__(self, run_id_getter, on_complete=None):
         self._run_id_getter = run_id_getter
+        self._on_complete = on_complete  # called with (checkpoint folder, step) once it is marked
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -108,3 +109,5 @@ class CheckpointMarkerCallback(TrainerCallback):
         if run_id:
             write_atomic(ckpt / RUN_ID_FILE, run_id)
         write_atomic(ckpt / MARKER_FILE, json.dumps({"step": state.global_step, "run_id": run_id}))
+        if self._on_complete is not None:
+            self._on_complete(ckpt, state.global_step)

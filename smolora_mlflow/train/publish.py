@@ -16,7 +16,8 @@ from smolora_mlflow import constants as C
 from smolora_mlflow.models.adapters import read_adapter_base
 
 
-def _lineage(lora) -> dict[str, Any]:
+def lineage(lora) -> dict[str, Any]:
+    """The base model, its hash, the LoRA settings and the prompt format of a trained SmoLoRA."""
     info = dict(lora.base_info or {})
     if not info.get("sha256") and (Path(lora.adapter_dir) / "adapter_config.json").is_file():
         info = {**read_adapter_base(lora.adapter_dir), **{k: v for k, v in info.items() if v}}
@@ -25,6 +26,8 @@ def _lineage(lora) -> dict[str, Any]:
         "base_model": cfg.base_model,
         "base_model_revision": cfg.base_model_revision or info.get("revision"),
         "base_model_sha256": info.get("sha256"),
+        # train() resolved `auto`; a SmoLoRA that never trained here serves prompts as they come.
+        "prompt_format": cfg.prompt_format if cfg.prompt_format in ("chat", "plain") else "plain",
         "lora_config": {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
                         "target_modules": list(cfg.lora_target_modules), "bias": cfg.lora_bias},
     }
@@ -83,7 +86,7 @@ def log_trained_model(lora, name: str = "model", mode: str = "merged", registere
     if not (adapter / "adapter_config.json").is_file():
         raise RuntimeError(f"no adapter at `{adapter}`; call train() before logging the model.")
     run_id = kwargs.pop("run_id", None) or lora.run_id
-    values: dict[str, Any] = {**_lineage(lora), "training_run_id": run_id, "run_id": run_id}
+    values: dict[str, Any] = {**lineage(lora), "training_run_id": run_id, "run_id": run_id}
     if run_id and "model_card" not in kwargs:
         values["model_card"] = _run_model_card(run_id)
     values.update(kwargs)

@@ -114,9 +114,10 @@ def _pipeline_steps(cfg, result: PipelineResult, *, promote, dataset, eval_datas
     if mode == "merged":
         say("merge: merging the adapter into the base model")
         result.merged_dir = lora.save()
-    say("evaluate: eval loss, perplexity and sample generations")
+    say("evaluate: eval loss, perplexity and sample generations" + (
+        ", task scores of the base and the fine-tuned model" if cfg.task_eval else ""))
     in_memory = LoadedModel(lora.model, lora.tokenizer, str(result.merged_dir or result.adapter_dir))
-    evaluated = evaluate_run(None, cfg, dataset=eval_dataset, loaded=in_memory, prepared=lora.data,
+    evaluated = evaluate_run(None, lora.config, dataset=eval_dataset, loaded=in_memory, prepared=lora.data,
                              run_name="evaluate")
     result.eval_run_id = evaluated.run_id
     result.metrics.update(evaluated.metrics)
@@ -125,12 +126,17 @@ def _pipeline_steps(cfg, result: PipelineResult, *, promote, dataset, eval_datas
     name = cfg.registered_model_name
     say(f"log: logging the {mode} model with the smolora flavor" + (f" as a new version of {name}" if name else ""))
     # The version carries the metrics of this evaluation, so every version is gated on the same measure.
-    tags = {C.METRIC_TAG_PREFIX + k: repr(float(v)) for k, v in evaluated.metrics.items()
-            if k in (C.METRIC_EVAL_LOSS, C.METRIC_EVAL_PERPLEXITY)}
+    gated = (C.METRIC_EVAL_LOSS, C.METRIC_EVAL_PERPLEXITY, *C.TASK_METRICS,
+             *(C.BASE_PREFIX + m for m in C.TASK_METRICS))
+    tags = {C.METRIC_TAG_PREFIX + k: repr(float(v)) for k, v in evaluated.metrics.items() if k in gated}
     tags.update({C.TAG_EVAL_RUN_ID: evaluated.run_id or "", C.TAG_PIPELINE_RUN_ID: result.parent_run_id or ""})
     info = log_trained_model(lora, mode=mode, registered_model_name=name, registered_tags=tags, **log_model_options)
     result.model_uri = info.model_uri
     mlflow.set_tag(C.TAG_MODEL_URI, info.model_uri)
+    if evaluated.run_id and info.model_id:  # the evaluation ran before the model existed: link it now
+        from smolora_mlflow.tracking.linking import link_run_metrics
+
+        link_run_metrics(mlflow.MlflowClient(), evaluated.run_id, info.model_id)
     if not name:
         return
     result.registered_version = str(info.registered_model_version)
