@@ -59,6 +59,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch, kernel_name, smolora
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "SMOLORA_NB_STEPS": "4",
            "SMOLORA_NB_RANKS": "2,4,8", "SMOLORA_NB_MAX_SAMPLES": "48", "SMOLORA_NB_EXPERIMENT": "nb-test",
+           "SMOLORA_NB_SWEEP_TRIALS": "2",
            "SMOLORA_NB_MODEL_NAME": "nb-model", "SMOLORA_PROGRESS": "0", "SMOLORA_CACHE": str(smolora_cache),
            "HF_HUB_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
            "PYTHONPATH": os.pathsep.join([str(NOTEBOOK.parents[1]), os.environ.get("PYTHONPATH", "")])}
@@ -89,3 +90,12 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch, kernel_name, smolora
     best = runs.loc[runs["final_eval_loss"].idxmin()]
     assert versions["run_id"].tolist() == [best["run_id"]] and best["registered_version"] == "nb-model/1 (Production)"
     assert (workdir / "mlruns").is_dir() and (workdir / "outputs" / "compare" / "r8" / "adapter").is_dir()
+
+    # The Optuna sweep: one parent run in its own experiment, its trials nested under it, read back best first.
+    assert any("<th>trial</th>" in table and "<th>best</th>" in table for table in html), "the sweep's trials"
+    sweep_exp = client.get_experiment_by_name("nb-test-optuna")
+    parents = client.search_runs([sweep_exp.experiment_id], "tags.`smolora.step` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trials = compare.sweep_trials(parents[0].info.run_id, tracking_uri=uri)
+    assert len(trials) == 2 and trials["best"].tolist() == [True, False]
+    assert (trials["status"] == "FINISHED").all()

@@ -112,3 +112,21 @@ def test_task_eval_gates_promotion_and_chat_template_is_used_everywhere(tracking
     row = dict(zip(table["columns"], table["data"][0], strict=True))
     out = served.predict({"prompt": [row["prompt"]]}, params={"max_new_tokens": 6})
     assert out["generated_text"][0] == row["answer"]
+
+    # `smolora predict` renders it the same way (the model records its prompt format); --prompt_format overrides.
+    import contextlib
+    import io
+
+    from smolora_mlflow.cli import main
+
+    def predict(*extra: str) -> str:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["predict", f"models:/qa/{result.registered_version}", row["prompt"],
+                         "--max_new_tokens", "6", *extra]) == 0
+        return buf.getvalue().rstrip("\n")
+
+    assert predict() == row["answer"]
+    rendered = json.loads(predict("--prompt_format", "chat", "--jsonl"))["prompt"]
+    assert rendered != row["prompt"] and row["prompt"].strip() in rendered  # the chat template wrapped it
+    assert json.loads(predict("--prompt_format", "plain", "--jsonl"))["prompt"] == row["prompt"]

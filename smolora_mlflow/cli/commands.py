@@ -323,10 +323,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     full, as_jsonl = parse_bool("full_text", args.full_text), parse_bool("jsonl", args.jsonl)
     _use_tracking_uri(args.tracking_uri)
     from smolora_mlflow.evaluation.loading import load_for_inference
-    from smolora_mlflow.models.generation import format_chat, generate
+    from smolora_mlflow.models.generation import format_chat, generate, render_prompts, resolve_prompt_format
 
     loaded = load_for_inference(args.model, device=args.device)
-    texts = [p if isinstance(p, str) else format_chat(loaded.tokenizer, p) for p in prompts]
+    # Plain prompts go to the model as its training rendered them (the chat template for a chat fine-tune).
+    fmt = loaded.prompt_format if args.prompt_format is None else resolve_prompt_format(
+        args.prompt_format, loaded.tokenizer, loaded.source)
+    texts = [render_prompts(loaded.tokenizer, [p], fmt)[0] if isinstance(p, str) else format_chat(loaded.tokenizer, p)
+             for p in prompts]
     outputs = generate(loaded.model, loaded.tokenizer, texts, batch_size=args.batch_size, **params)
     for prompt, completion in zip(texts, outputs, strict=True):
         if as_jsonl:

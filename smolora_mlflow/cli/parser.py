@@ -280,6 +280,9 @@ def _add_serving_commands(subs) -> None:
     p.add_argument("--seed", type=int, help="Seed for sampling.")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda...")
+    p.add_argument("--prompt_format", choices=("auto", "chat", "plain"),
+                   help="How plain prompts reach the model: through the chat template (chat) or as they are "
+                        "(plain). Default: what the model's training recorded.")
     _flag(p, "full_text", "Print each prompt followed by its completion.")
     _flag(p, "jsonl", "Print one JSON object per prompt.")
     _tracking_option(p)

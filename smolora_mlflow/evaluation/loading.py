@@ -32,6 +32,7 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     source: str
+    prompt_format: str = "plain"  # how its training rendered prompts: `chat` (the chat template) or `plain`
 
 
 def logged_model_uri_of_run(run_id: str) -> str | None:
@@ -125,10 +126,13 @@ def load_for_inference(ref: str | os.PathLike, *, device: str = "auto") -> Loade
 
 
 def _load_mlflow_model(uri: str, device: str) -> LoadedModel:
+    import mlflow
+
     from smolora_mlflow import flavor
 
     model, tokenizer = flavor.load_model(uri, device=device)
-    return LoadedModel(model.eval(), tokenizer, uri)
+    conf = mlflow.models.get_model_info(uri).flavors.get(C.FLAVOR_NAME) or {}
+    return LoadedModel(model.eval(), tokenizer, uri, conf.get("prompt_format") or "plain")
 
 
 def _load_hf(path: str, device: str, *, source: str) -> LoadedModel:
@@ -141,10 +145,12 @@ def _load_hf(path: str, device: str, *, source: str) -> LoadedModel:
     return LoadedModel(model.eval(), tokenizer, source)
 
 
-def _load_adapter(adapter_dir: Path, base_model: str | None, device: str, source: str | None = None) -> LoadedModel:
+def _load_adapter(adapter_dir: Path, base_model: str | None, device: str, source: str | None = None,
+                  prompt_format: str | None = None) -> LoadedModel:
+    """The adapter merged into its base; the prompt format as recorded, else as training's `auto` chose it."""
     from smolora_mlflow.models import adapters
     from smolora_mlflow.models import io as modelio
-    from smolora_mlflow.models.generation import resolve_device
+    from smolora_mlflow.models.generation import resolve_device, resolve_prompt_format
 
     path = modelio.resolve_model_path(base_model or adapters.recorded_base(adapter_dir))
     dev = resolve_device(device)
@@ -152,7 +158,8 @@ def _load_adapter(adapter_dir: Path, base_model: str | None, device: str, source
     model = modelio.load_causal_lm(path, dtype=modelio.resolve_dtype("auto", dev.type))
     adapters.check_adapter_matches_base(adapter_dir, path, model)
     model = adapters.apply_adapter(model, adapter_dir, merge=True)
-    return LoadedModel(model.to(dev).eval(), tokenizer, source or str(adapter_dir))
+    fmt = prompt_format or resolve_prompt_format("auto", tokenizer, base_model or adapters.recorded_base(adapter_dir))
+    return LoadedModel(model.to(dev).eval(), tokenizer, source or str(adapter_dir), fmt)
 
 
 def _load_run_adapter(ref: ModelRef, device: str) -> LoadedModel:
@@ -163,8 +170,9 @@ def _load_run_adapter(ref: ModelRef, device: str) -> LoadedModel:
     if f"{C.ARTIFACT_ADAPTER}/adapter_config.json" not in names:
         raise FileNotFoundError(f"run {ref.run_id} logged no model and no adapter; pass {MODEL_REF_HELP}.")
     local = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=C.ARTIFACT_ADAPTER)
-    base = client.get_run(ref.run_id).data.tags.get(C.TAG_BASE_MODEL)
-    return _load_adapter(Path(local), base, device, source=f"runs:/{ref.run_id}/{C.ARTIFACT_ADAPTER}")
+    tags = client.get_run(ref.run_id).data.tags
+    return _load_adapter(Path(local), tags.get(C.TAG_BASE_MODEL), device,
+                         source=f"runs:/{ref.run_id}/{C.ARTIFACT_ADAPTER}", prompt_format=tags.get(C.TAG_PROMPT_FORMAT))
 
 
 def model_id_of(ref: str | os.PathLike) -> str | None:
