@@ -46,10 +46,10 @@ def test_project_declares_the_entry_points_and_conda_env():
     from mlflow.projects import env_type
 
     assert project.env_type == env_type.CONDA and Path(project.env_config_path).name == "conda.yaml"
-    assert set(project._entry_points) == {"main", "train", "evaluate", "register", "promote"}
+    assert set(project._entry_points) == {"main", "train", "evaluate", "register", "promote", "sweep"}
 
 
-@pytest.mark.parametrize("entry_point", ["main", "train", "evaluate", "register", "promote"])
+@pytest.mark.parametrize("entry_point", ["main", "train", "evaluate", "register", "promote", "sweep"])
 def test_each_entry_point_command_parses(entry_point, monkeypatch):
     monkeypatch.chdir(ROOT)  # `mlflow run` runs the command in the project folder
     args = parse_args(_argv(entry_point))
