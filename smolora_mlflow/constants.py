@@ -61,3 +61,6 @@ ARTIFACT_GENERATIONS = "generations.json"  # mlflow.log_table file, with a `step
 
 # File written next to each checkpoint so a resume finds its MLflow run.
 RUN_ID_FILE = "mlflow_run_id.txt"
+
+# Serving.
+ENV_SERVED_MODEL_NAME = "SMOLORA_SERVED_MODEL_NAME"  # set by `smolora serve`: the name /v1/models lists

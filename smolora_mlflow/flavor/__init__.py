@@ -27,13 +27,10 @@ import logging
 import os
 import shutil
 import sys
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
@@ -56,21 +53,10 @@ from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
 from smolora_mlflow.flavor import files
-from smolora_mlflow.flavor.batching import (
-    SCORING_SERVER_ENV,
-    RequestBatcher,
-    log_to_stderr_if_asked,
-    widen_scoring_server_pool,
-)
-from smolora_mlflow.flavor.inputs import (
-    OUTPUT_COLUMN,
-    check_prompt_lengths,
-    check_request_size,
-    to_prompts,
-    validate_params,
-)
+from smolora_mlflow.flavor.batching import log_to_stderr_if_asked
+from smolora_mlflow.flavor.wrapper import _SmoloraPyfuncWrapper
 from smolora_mlflow.models import manifest
-from smolora_mlflow.models.generation import count_tokens, generate, resolve_device, stream
+from smolora_mlflow.models.generation import resolve_device
 from smolora_mlflow.models.verified import weights_sha256
 
 __all__ = ["FLAVOR_NAME", "get_default_conda_env", "get_default_pip_requirements", "load_model",
@@ -303,78 +289,6 @@ def _load_model(
         model = apply_adapter(base, data_dir, merge=merge)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
     return model.to(dev).eval(), tokenizer
-
-
-class _SmoloraPyfuncWrapper:
-    """pyfunc implementation: validates inputs and params, coalesces concurrent calls, streams."""
-
-    def __init__(self, model, tokenizer, conf: dict[str, Any], *, batch_size: int = 8,
-                 coalesce_window_ms: float | None = None, max_batch_size: int = 32,
-                 max_prompts_per_request: int = 256, max_prompt_chars: int = 100_000,
-                 server_threads: int | None = None):
-        self.model, self.tokenizer = model, tokenizer
-        self.defaults = dict(conf.get("generation_defaults") or {})
-        self.max_new_tokens_limit = int(conf.get("max_new_tokens_limit") or 1024)
-        self.max_prompt_tokens = conf.get("max_prompt_tokens")
-        self.context_length = getattr(model.config, "max_position_embeddings", None) or conf.get(
-            "context_length")
-        self.batch_size = int(batch_size)
-        # One request must not be able to exhaust memory or hold the model for minutes.
-        self.max_prompts_per_request = int(max_prompts_per_request)
-        self.max_prompt_chars = int(max_prompt_chars)
-        self._tokenizer_lock = threading.Lock()
-        # Unset, the wait adapts: in `mlflow models serve` a lone request waits for company for 5 ms or 5%
-        # of a generate call, whichever is longer (requests sent together reach predict a few ms apart
-        # after MLflow's parsing), 15 ms while requests have been coalescing; a direct predict call runs at
-        # once unless calls have been coalescing. A number fixes the quiet gap; 0 never waits.
-        in_server = SCORING_SERVER_ENV in os.environ
-        if coalesce_window_ms is None:
-            self._batcher = RequestBatcher(self._run_batch, window_s=0.005 if in_server else 0.0,
-                                           max_batch_size=int(max_batch_size),
-                                           wait_fraction=0.05 if in_server else 0.0)
-        else:
-            gap = float(coalesce_window_ms) / 1000
-            self._batcher = RequestBatcher(self._run_batch, window_s=gap, busy_window_s=gap,
-                                           max_batch_size=int(max_batch_size))
-        self._server_threads = int(max_batch_size if server_threads is None else server_threads) if in_server else 0
-        count_tokens(tokenizer, "warm up")  # settle the fast tokenizer's state before threads share it
-
-    @property
-    def stats(self):
-        """Coalescing counters: requests, batches, coalesced_requests, largest_batch."""
-        return self._batcher.stats
-
-    def get_raw_model(self) -> tuple[Any, Any]:
-        return self.model, self.tokenizer
-
-    def _run_batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
-        return generate(self.model, self.tokenizer, prompts, batch_size=self.batch_size, **params)
-
-    def _prepare(self, model_input: Any, params: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
-        params = validate_params(params, self.defaults, self.max_new_tokens_limit)
-        with self._tokenizer_lock:
-            prompts = to_prompts(model_input, self.tokenizer)
-            check_request_size(prompts, self.max_prompts_per_request, self.max_prompt_chars)
-            lengths = [count_tokens(self.tokenizer, p) for p in prompts]
-        check_prompt_lengths(lengths, params["max_new_tokens"], self.max_prompt_tokens, self.context_length)
-        return prompts, params
-
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """One ``generated_text`` row per prompt, in order."""
-        if self._server_threads:  # first request in `mlflow models serve`
-            widen_scoring_server_pool(self._server_threads)
-            self._server_threads = 0
-        prompts, params = self._prepare(model_input, params)
-        # object dtype: pandas' string inference costs more than the rest of this wrapper per call
-        return pd.DataFrame({OUTPUT_COLUMN: self._batcher.submit(prompts, params)}, dtype=object)
-
-    def predict_stream(self, model_input: Any, params: dict[str, Any] | None = None) -> Iterator[str]:
-        """Text pieces of one prompt's completion; validated before the first piece is asked for."""
-        prompts, params = self._prepare(model_input, params)
-        if len(prompts) != 1:
-            raise MlflowException.invalid_parameter_value(
-                f"predict_stream takes exactly one prompt, got {len(prompts)}.")
-        return stream(self.model, self.tokenizer, prompts[0], lock=self._batcher.lock, **params)
 
 
 def _model_root(path: str) -> Path:
