@@ -52,9 +52,9 @@ from mlflow.utils.model_utils import (
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
-from smolora_mlflow.flavor import files
+from smolora_mlflow.flavor import adapter_set, files
 from smolora_mlflow.flavor.batching import log_to_stderr_if_asked
-from smolora_mlflow.flavor.wrapper import _SmoloraPyfuncWrapper
+from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS, _SmoloraPyfuncWrapper
 from smolora_mlflow.models import manifest
 from smolora_mlflow.models.generation import resolve_device
 from smolora_mlflow.models.verified import weights_sha256
@@ -156,7 +156,8 @@ def save_model(
         card = model_card or files.model_card(conf, Path(conf["base_model"] or path.name).name + " (smolora)")
         (path / ARTIFACT_MODEL_CARD).write_text(card, encoding="utf-8")
         pyfunc.add_to_model(mlflow_model, loader_module=__name__, data=conf["data"], code=code_subpath,
-                            conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME, streamable=True)
+                            conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME, streamable=True,
+                            model_config=dict.fromkeys(MODEL_CONFIG_KEYS))
         mlflow_model.add_flavor(FLAVOR_NAME, code=code_subpath, **conf)
         if size := get_total_file_size(str(path)):
             mlflow_model.model_size_bytes = size
@@ -268,6 +269,11 @@ def _load_model(
     manifest.refuse_unlisted_files(data_dir, conf.get("file_sha256") or {})
     dev = resolve_device(device)
     torch_dtype = _torch_dtype(dtype, dev)
+    if conf["mode"] == adapter_set.MODE:
+        from smolora_mlflow.flavor import adapter_pool
+
+        return adapter_pool.load(model_root, conf, device=dev, torch_dtype=torch_dtype,
+                                 base_model_path=base_model_path, refresh_seconds=0)[:2]
     if conf["mode"] == "merged":
         # Hash the files while transformers reads them (hashlib and safetensors both leave the GIL), and
         # hand nothing back until the hashes match: a tampered file is parsed (safetensors and JSON run no
@@ -299,17 +305,30 @@ def _model_root(path: str) -> Path:
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _SmoloraPyfuncWrapper:
     """Called by ``mlflow.pyfunc.load_model``. ``model_config`` keys: device, dtype, base_model_path,
     batch_size, coalesce_window_ms, max_batch_size, max_prompts_per_request, max_prompt_chars,
-    server_threads (requests ``mlflow models serve`` lets into predict at once; 0 keeps MLflow's pool)."""
+    server_threads (requests ``mlflow models serve`` lets into predict at once; 0 keeps MLflow's pool),
+    refresh_seconds (adapter sets: how often aliases are re-resolved; 0 never)."""
     log_to_stderr_if_asked()
-    cfg = dict(model_config or {})
-    unknown = set(cfg) - {"device", "dtype", "base_model_path", "batch_size", "coalesce_window_ms",
-                          "max_batch_size", "max_prompts_per_request", "max_prompt_chars", "server_threads"}
+    # MLflow passes every key the MLmodel declares (None when unset) updated with the caller's
+    cfg = {k: v for k, v in (model_config or {}).items() if v is not None}
+    unknown = set(cfg) - set(MODEL_CONFIG_KEYS)
     if unknown:
         raise MlflowException.invalid_parameter_value(f"Unknown model_config keys {sorted(unknown)}.")
     root = _model_root(path)
     conf = files.read_flavor_conf(root)
     manifest.check_environment(conf)  # `smolora serve` looked up the digest of the URI it serves
     manifest.check_logged_model(root, conf)
+    refresh = cfg.pop("refresh_seconds", None)
+    if conf["mode"] == adapter_set.MODE:  # several adapters on one base: see flavor/adapter_set.py
+        from smolora_mlflow.flavor import adapter_pool
+
+        manifest.refuse_unlisted_files(root / conf["data"], conf.get("file_sha256") or {})
+        dev = resolve_device(cfg.pop("device", "auto"))
+        model, tokenizer, pool = adapter_pool.load(
+            root, conf, device=dev, torch_dtype=_torch_dtype(cfg.pop("dtype", None), dev),
+            base_model_path=cfg.pop("base_model_path", None), refresh_seconds=refresh)
+        wrapper = _SmoloraPyfuncWrapper(model, tokenizer, conf, adapters=pool, **cfg)
+        pool.start()
+        return wrapper
     model, tokenizer = _load_model(root, conf, device=cfg.pop("device", "auto"), dtype=cfg.pop("dtype", None),
                                    base_model_path=cfg.pop("base_model_path", None))
     return _SmoloraPyfuncWrapper(model, tokenizer, conf, **cfg)

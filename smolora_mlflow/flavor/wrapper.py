@@ -35,6 +35,10 @@ from smolora_mlflow.models.generation import count_tokens, generate, stream
 
 ADAPTER_PARAM = "adapter"
 DEFAULT_ADAPTER = "default"  # the label of a single model's requests in metrics
+# What `model_config` (pyfunc.load_model, SERVING_MODEL_CONFIG) may set; the MLmodel declares each key, since
+# MLflow drops the keys a model does not declare.
+MODEL_CONFIG_KEYS = ("device", "dtype", "base_model_path", "batch_size", "coalesce_window_ms", "max_batch_size",
+                     "max_prompts_per_request", "max_prompt_chars", "server_threads", "refresh_seconds")
 
 
 @dataclass(frozen=True)
