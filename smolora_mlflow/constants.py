@@ -90,3 +90,6 @@ TAG_SWEEP_RUN_ID = "smolora.sweep_run_id"  # on each trial run
 TAG_SWEEP_TRIAL = "smolora.sweep_trial"
 TAG_SWEEP_BEST_RUN_ID = "smolora.sweep_best_run_id"  # on the sweep's parent run
 METRIC_SWEEP_BEST = "best_value"
+
+# Serving.
+ENV_SERVED_MODEL_NAME = "SMOLORA_SERVED_MODEL_NAME"  # set by `smolora serve`: the name /v1/models lists

@@ -27,13 +27,10 @@ import logging
 import os
 import shutil
 import sys
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
@@ -55,22 +52,11 @@ from mlflow.utils.model_utils import (
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
-from smolora_mlflow.flavor import files
-from smolora_mlflow.flavor.batching import (
-    SCORING_SERVER_ENV,
-    RequestBatcher,
-    log_to_stderr_if_asked,
-    widen_scoring_server_pool,
-)
-from smolora_mlflow.flavor.inputs import (
-    OUTPUT_COLUMN,
-    check_prompt_lengths,
-    check_request_size,
-    to_prompts,
-    validate_params,
-)
+from smolora_mlflow.flavor import adapter_set, files
+from smolora_mlflow.flavor.batching import log_to_stderr_if_asked
+from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS, _SmoloraPyfuncWrapper
 from smolora_mlflow.models import manifest
-from smolora_mlflow.models.generation import count_tokens, generate, resolve_device, stream
+from smolora_mlflow.models.generation import resolve_device
 from smolora_mlflow.models.verified import weights_sha256
 
 __all__ = ["FLAVOR_NAME", "get_default_conda_env", "get_default_pip_requirements", "load_model",
@@ -177,7 +163,8 @@ def save_model(
         card = model_card or files.model_card(conf, Path(conf["base_model"] or path.name).name + " (smolora)")
         (path / ARTIFACT_MODEL_CARD).write_text(card, encoding="utf-8")
         pyfunc.add_to_model(mlflow_model, loader_module=__name__, data=conf["data"], code=code_subpath,
-                            conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME, streamable=True)
+                            conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME, streamable=True,
+                            model_config=dict.fromkeys(MODEL_CONFIG_KEYS))
         mlflow_model.add_flavor(FLAVOR_NAME, code=code_subpath, **conf)
         if size := get_total_file_size(str(path)):
             mlflow_model.model_size_bytes = size
@@ -290,6 +277,11 @@ def _load_model(
     manifest.refuse_unlisted_files(data_dir, conf.get("file_sha256") or {})
     dev = resolve_device(device)
     torch_dtype = _torch_dtype(dtype, dev)
+    if conf["mode"] == adapter_set.MODE:
+        from smolora_mlflow.flavor import adapter_pool
+
+        return adapter_pool.load(model_root, conf, device=dev, torch_dtype=torch_dtype,
+                                 base_model_path=base_model_path, refresh_seconds=0)[:2]
     if conf["mode"] == "merged":
         # Hash the files while transformers reads them (hashlib and safetensors both leave the GIL), and
         # hand nothing back until the hashes match: a tampered file is parsed (safetensors and JSON run no
@@ -313,79 +305,6 @@ def _load_model(
     return model.to(dev).eval(), tokenizer
 
 
-class _SmoloraPyfuncWrapper:
-    """pyfunc implementation: validates inputs and params, coalesces concurrent calls, streams."""
-
-    def __init__(self, model, tokenizer, conf: dict[str, Any], *, batch_size: int = 8,
-                 coalesce_window_ms: float | None = None, max_batch_size: int = 32,
-                 max_prompts_per_request: int = 256, max_prompt_chars: int = 100_000,
-                 server_threads: int | None = None):
-        self.model, self.tokenizer = model, tokenizer
-        self.defaults = dict(conf.get("generation_defaults") or {})
-        self.max_new_tokens_limit = int(conf.get("max_new_tokens_limit") or 1024)
-        self.max_prompt_tokens = conf.get("max_prompt_tokens")
-        self.prompt_format = conf.get("prompt_format") or "plain"  # models saved before it existed: plain
-        self.context_length = getattr(model.config, "max_position_embeddings", None) or conf.get(
-            "context_length")
-        self.batch_size = int(batch_size)
-        # One request must not be able to exhaust memory or hold the model for minutes.
-        self.max_prompts_per_request = int(max_prompts_per_request)
-        self.max_prompt_chars = int(max_prompt_chars)
-        self._tokenizer_lock = threading.Lock()
-        # Unset, the wait adapts: in `mlflow models serve` a lone request waits for company for 5 ms or 5%
-        # of a generate call, whichever is longer (requests sent together reach predict a few ms apart
-        # after MLflow's parsing), 15 ms while requests have been coalescing; a direct predict call runs at
-        # once unless calls have been coalescing. A number fixes the quiet gap; 0 never waits.
-        in_server = SCORING_SERVER_ENV in os.environ
-        if coalesce_window_ms is None:
-            self._batcher = RequestBatcher(self._run_batch, window_s=0.005 if in_server else 0.0,
-                                           max_batch_size=int(max_batch_size),
-                                           wait_fraction=0.05 if in_server else 0.0)
-        else:
-            gap = float(coalesce_window_ms) / 1000
-            self._batcher = RequestBatcher(self._run_batch, window_s=gap, busy_window_s=gap,
-                                           max_batch_size=int(max_batch_size))
-        self._server_threads = int(max_batch_size if server_threads is None else server_threads) if in_server else 0
-        count_tokens(tokenizer, "warm up")  # settle the fast tokenizer's state before threads share it
-
-    @property
-    def stats(self):
-        """Coalescing counters: requests, batches, coalesced_requests, largest_batch."""
-        return self._batcher.stats
-
-    def get_raw_model(self) -> tuple[Any, Any]:
-        return self.model, self.tokenizer
-
-    def _run_batch(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
-        return generate(self.model, self.tokenizer, prompts, batch_size=self.batch_size, **params)
-
-    def _prepare(self, model_input: Any, params: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
-        params = validate_params(params, self.defaults, self.max_new_tokens_limit)
-        with self._tokenizer_lock:
-            prompts = to_prompts(model_input, self.tokenizer, self.prompt_format)
-            check_request_size(prompts, self.max_prompts_per_request, self.max_prompt_chars)
-            lengths = [count_tokens(self.tokenizer, p) for p in prompts]
-        check_prompt_lengths(lengths, params["max_new_tokens"], self.max_prompt_tokens, self.context_length)
-        return prompts, params
-
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """One ``generated_text`` row per prompt, in order."""
-        if self._server_threads:  # first request in `mlflow models serve`
-            widen_scoring_server_pool(self._server_threads)
-            self._server_threads = 0
-        prompts, params = self._prepare(model_input, params)
-        # object dtype: pandas' string inference costs more than the rest of this wrapper per call
-        return pd.DataFrame({OUTPUT_COLUMN: self._batcher.submit(prompts, params)}, dtype=object)
-
-    def predict_stream(self, model_input: Any, params: dict[str, Any] | None = None) -> Iterator[str]:
-        """Text pieces of one prompt's completion; validated before the first piece is asked for."""
-        prompts, params = self._prepare(model_input, params)
-        if len(prompts) != 1:
-            raise MlflowException.invalid_parameter_value(
-                f"predict_stream takes exactly one prompt, got {len(prompts)}.")
-        return stream(self.model, self.tokenizer, prompts[0], lock=self._batcher.lock, **params)
-
-
 def _model_root(path: str) -> Path:
     p = Path(path)
     return p if (p / MLMODEL_FILE_NAME).is_file() else p.parent
@@ -394,17 +313,30 @@ def _model_root(path: str) -> Path:
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _SmoloraPyfuncWrapper:
     """Called by ``mlflow.pyfunc.load_model``. ``model_config`` keys: device, dtype, base_model_path,
     batch_size, coalesce_window_ms, max_batch_size, max_prompts_per_request, max_prompt_chars,
-    server_threads (requests ``mlflow models serve`` lets into predict at once; 0 keeps MLflow's pool)."""
+    server_threads (requests ``mlflow models serve`` lets into predict at once; 0 keeps MLflow's pool),
+    refresh_seconds (adapter sets: how often aliases are re-resolved; 0 never)."""
     log_to_stderr_if_asked()
-    cfg = dict(model_config or {})
-    unknown = set(cfg) - {"device", "dtype", "base_model_path", "batch_size", "coalesce_window_ms",
-                          "max_batch_size", "max_prompts_per_request", "max_prompt_chars", "server_threads"}
+    # MLflow passes every key the MLmodel declares (None when unset) updated with the caller's
+    cfg = {k: v for k, v in (model_config or {}).items() if v is not None}
+    unknown = set(cfg) - set(MODEL_CONFIG_KEYS)
     if unknown:
         raise MlflowException.invalid_parameter_value(f"Unknown model_config keys {sorted(unknown)}.")
     root = _model_root(path)
     conf = files.read_flavor_conf(root)
     manifest.check_environment(conf)  # `smolora serve` looked up the digest of the URI it serves
     manifest.check_logged_model(root, conf)
+    refresh = cfg.pop("refresh_seconds", None)
+    if conf["mode"] == adapter_set.MODE:  # several adapters on one base: see flavor/adapter_set.py
+        from smolora_mlflow.flavor import adapter_pool
+
+        manifest.refuse_unlisted_files(root / conf["data"], conf.get("file_sha256") or {})
+        dev = resolve_device(cfg.pop("device", "auto"))
+        model, tokenizer, pool = adapter_pool.load(
+            root, conf, device=dev, torch_dtype=_torch_dtype(cfg.pop("dtype", None), dev),
+            base_model_path=cfg.pop("base_model_path", None), refresh_seconds=refresh)
+        wrapper = _SmoloraPyfuncWrapper(model, tokenizer, conf, adapters=pool, **cfg)
+        pool.start()
+        return wrapper
     model, tokenizer = _load_model(root, conf, device=cfg.pop("device", "auto"), dtype=cfg.pop("dtype", None),
                                    base_model_path=cfg.pop("base_model_path", None))
     return _SmoloraPyfuncWrapper(model, tokenizer, conf, **cfg)

@@ -119,7 +119,8 @@ def count_tokens(tokenizer, prompt: str) -> int:
 
 
 def generate(
-    model, tokenizer, prompts: list[str], *, batch_size: int = 8, **params: Any
+    model, tokenizer, prompts: list[str], *, batch_size: int = 8, adapter_names: list[str] | None = None,
+    **params: Any
 ) -> list[str]:
     """Generate one completion per prompt, in order, with one ``model.generate`` call per batch.
 
@@ -128,6 +129,8 @@ def generate(
         tokenizer: its tokenizer.
         prompts: the prompts.
         batch_size: prompts per ``model.generate`` call.
+        adapter_names: a ``PeftModel`` with several adapters loaded: the adapter of each prompt (PEFT's
+            mixed-adapter batches; ``"__base__"`` for none), so prompts for different adapters share a call.
         **params: keys of ``GENERATION_DEFAULTS``. Greedy unless ``do_sample``; ``seed >= 0`` seeds
             torch once per call; ``return_full_text`` prepends each prompt to its completion.
 
@@ -151,12 +154,16 @@ def generate(
     device = next(model.parameters()).device
     if int(p["seed"]) >= 0:
         torch.manual_seed(int(p["seed"]))
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"`adapter_names` has {len(adapter_names)} names for {len(prompts)} prompts.")
     if model.training:
         model.eval()
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
         enc = _encode(tokenizer, batch, device)
+        if adapter_names is not None:
+            enc["adapter_names"] = list(adapter_names[start : start + batch_size])
         with torch.inference_mode():
             seqs = model.generate(**enc, **kwargs)
         new_tokens = seqs[:, enc["input_ids"].shape[1] :]
@@ -165,13 +172,29 @@ def generate(
     return out
 
 
+def _cancel_criteria(cancel: threading.Event):
+    """A stopping criterion that ends ``generate`` at the next token once ``cancel`` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Cancelled()])
+
+
 def stream(
-    model, tokenizer, prompt: str, *, lock: threading.Lock | None = None, **params: Any
+    model, tokenizer, prompt: str, *, lock: threading.Lock | None = None, adapter_name: str | None = None,
+    cancel: threading.Event | None = None, **params: Any
 ) -> Iterator[str]:
     """Yield the completion of ``prompt`` piece by piece; the pieces join to ``generate([prompt])[0]``.
 
     ``model.generate`` runs in a worker thread (holding ``lock`` if given) and feeds a
-    ``TextIteratorStreamer``; an error in the worker is re-raised here once the stream ends.
+    ``TextIteratorStreamer``; an error in the worker is re-raised here once the stream ends. Setting
+    ``cancel``, or closing the iterator early (a client that went away), stops ``generate`` at the next
+    token, so the lock is not held for a completion nobody reads. ``adapter_name`` picks one adapter of a
+    multi-adapter ``PeftModel``.
 
     Example:
         >>> "".join(stream(model, tokenizer, "Hello", max_new_tokens=4))
@@ -186,12 +209,19 @@ def stream(
     kwargs = _generate_kwargs(model, tokenizer, p)
     device = next(model.parameters()).device
     enc = _encode(tokenizer, [prompt], device)
+    if adapter_name is not None:
+        enc["adapter_names"] = [adapter_name]
+    cancel = cancel or threading.Event()
+    kwargs["stopping_criteria"] = _cancel_criteria(cancel)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
             with lock or nullcontext(), torch.inference_mode():
+                if cancel.is_set():  # the client left while this stream waited for the lock
+                    streamer.end()
+                    return
                 if int(p["seed"]) >= 0:
                     torch.manual_seed(int(p["seed"]))
                 model.eval()
@@ -202,11 +232,14 @@ def stream(
 
     worker = threading.Thread(target=work, name="smolora-stream", daemon=True)
     worker.start()
-    if p["return_full_text"]:
-        yield prompt
-    for piece in streamer:
-        if piece:
-            yield piece
+    try:
+        if p["return_full_text"]:
+            yield prompt
+        for piece in streamer:
+            if piece:
+                yield piece
+    finally:  # also on close(): stop generating for a reader who left
+        cancel.set()
     worker.join()
     if errors:
         raise errors[0]

@@ -3,7 +3,10 @@
 Built the way MLflow's ``mlflow.pyfunc.scoring_server.app`` builds its own (the model path in
 ``__pyfunc_model_path__``, load-time settings in ``SERVING_MODEL_CONFIG``), so ``/invocations``,
 ``/ping``, ``/health`` and ``/version`` answer as ``mlflow models serve``'s do, with
-:class:`~smolora_mlflow.serving.guard.RequestGuard` in front. When the launcher looked up a manifest
+:class:`~smolora_mlflow.serving.guard.RequestGuard` in front. Beside them, routed by path before MLflow's
+app sees the request, :class:`~smolora_mlflow.serving.routes.Routes` adds ``/stream`` (server-sent events),
+``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` and ``/metrics``; every response is counted
+by :class:`~smolora_mlflow.serving.metrics.MetricsMiddleware`. When the launcher looked up a manifest
 digest (``SMOLORA_MANIFEST_SHA256``), the files about to load are checked against it first.
 """
 
@@ -13,8 +16,13 @@ import os
 
 from mlflow.pyfunc import scoring_server
 
+from smolora_mlflow.constants import ENV_SERVED_MODEL_NAME
 from smolora_mlflow.models import manifest
 from smolora_mlflow.serving.guard import RequestGuard
+from smolora_mlflow.serving.metrics import Metrics, MetricsMiddleware
+from smolora_mlflow.serving.routes import Routes
+
+GUARDED_PATHS = ("/invocations", "/stream", "/v1/completions", "/v1/chat/completions")
 
 
 def build_app(model_path: str):
@@ -22,7 +30,14 @@ def build_app(model_path: str):
     if conf:
         manifest.check_environment(conf)
     model = scoring_server.load_model_with_mlflow_config(model_path)
-    return RequestGuard(scoring_server.init(model))
+    mlflow_app = scoring_server.init(model)
+    wrapper = getattr(model, "_model_impl", None)
+    if not hasattr(wrapper, "open_stream"):  # not a smolora model: MLflow's app, guarded, as before
+        return RequestGuard(mlflow_app)
+    metrics = Metrics()
+    wrapper.observer = metrics
+    routes = Routes(mlflow_app, wrapper, metrics, os.environ.get(ENV_SERVED_MODEL_NAME) or "default")
+    return MetricsMiddleware(RequestGuard(routes, paths=GUARDED_PATHS), metrics)
 
 
 app = build_app(os.environ[scoring_server._SERVER_MODEL_PATH])

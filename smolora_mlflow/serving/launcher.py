@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from smolora_mlflow.constants import ENV_SERVED_MODEL_NAME
+
 UVICORN_APP = "smolora_mlflow.serving.app:app"
 
 
@@ -33,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def served_name(model_uri: str) -> str:
+    """The name ``/v1/models`` lists: the registered model's name, else the folder's name."""
+    if model_uri.startswith("models:/"):
+        return model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+    return os.path.basename(os.path.normpath(model_uri)) or "default"
+
+
 def server_environment(model_uri: str, timeout: int | None = None) -> dict[str, str]:
     """Download and check the model; the environment of the uvicorn process that serves it."""
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
@@ -49,6 +58,7 @@ def server_environment(model_uri: str, timeout: int | None = None) -> dict[str, 
     env = dict(os.environ)
     env[scoring_server._SERVER_MODEL_PATH] = local
     env[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(timeout or MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
+    env[ENV_SERVED_MODEL_NAME] = served_name(model_uri)
     env.pop(manifest.ENV_DIGEST, None)
     if conf and expected.digest:
         env[manifest.ENV_DIGEST], env[manifest.ENV_SOURCE] = expected.digest, str(expected.source)

@@ -1,0 +1,158 @@
+"""The live side of an adapter set: one base in memory, PEFT adapters loaded on it, names re-resolved.
+
+:func:`load` builds the ``PeftModel`` (base loaded once, its hash checked; each adapter fetched, checked
+and added with ``load_adapter``) and the :class:`AdapterPool` the pyfunc wrapper routes requests with.
+peft and transformers are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from smolora_mlflow.flavor import files
+from smolora_mlflow.flavor.adapter_set import _fetch, _Resolved
+from smolora_mlflow.models import manifest
+from smolora_mlflow.models.io import quiet_upstream_deprecations
+
+logger = logging.getLogger(__name__)
+
+_MOVABLE = re.compile(r"^models:/[^/@]+(@[^/]+|/(latest|staging|production|archived|none))$", re.IGNORECASE)
+
+
+@dataclass
+class _Loaded:
+    uri: str  # pinned URI of the version loaded
+    internal: str  # PEFT adapter name
+    nbytes: int  # bytes of its weights in memory
+
+
+def _internal(name: str, serial: int) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) + f"__{serial}"  # PEFT names become module keys: no dots
+
+
+def _adapter_bytes(model, internal: str) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if f".{internal}." in n)
+
+
+class AdapterPool:
+    """Public adapter names -> adapters loaded on the one base; swaps happen under ``lock``.
+
+    The wrapper sets ``lock`` to its generation lock, so an adapter is never added, switched or removed
+    while a ``generate`` call runs.
+    """
+
+    def __init__(self, model, refs: dict[str, str], base_sha256: str | None, refresh_seconds: float):
+        self.model, self.refs, self.base_sha256 = model, dict(refs), base_sha256
+        self.refresh_seconds = float(refresh_seconds)
+        self.lock = threading.Lock()
+        self.loaded: dict[str, _Loaded] = {}
+        self._serial = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def names(self) -> list[str]:
+        return list(self.refs)
+
+    def check_name(self, adapter: Any) -> str:
+        if adapter in (None, ""):
+            raise MlflowException.invalid_parameter_value(
+                f"This is an adapter set: name the adapter with param `adapter` (or `model` in the OpenAI API), "
+                f"one of {self.names()}.")
+        if adapter not in self.refs:
+            raise MlflowException.invalid_parameter_value(
+                f"`adapter` is {adapter!r}, which this adapter set does not serve; use one of {self.names()}.")
+        return adapter
+
+    def internal(self, name: str) -> str:
+        return self.loaded[name].internal
+
+    def add(self, name: str, resolved: _Resolved) -> None:
+        """Load ``resolved`` (already checked) beside what is loaded, then point ``name`` at it."""
+        self._serial += 1
+        internal = _internal(name, self._serial)
+        data_dir = str(Path(resolved.local) / resolved.conf["data"])
+        with self.lock:
+            with quiet_upstream_deprecations():
+                self.model.load_adapter(data_dir, adapter_name=internal, is_trainable=False)
+            old = self.loaded.get(name)
+            self.loaded[name] = _Loaded(resolved.uri, internal, _adapter_bytes(self.model, internal))
+            if old is not None:
+                if old.internal in self.model.active_adapters:  # requests always name theirs; keep PEFT quiet
+                    self.model.set_adapter(internal)
+                self.model.delete_adapter(old.internal)
+        if old is not None:
+            logger.info("Adapter `%s` now serves %s (was %s).", name, resolved.uri, old.uri)
+
+    def refresh(self) -> list[str]:
+        """Re-resolve the references that can move; load what changed. Returns the names switched."""
+        changed = []
+        for name, uri in self.refs.items():
+            if not _MOVABLE.match(uri):
+                continue
+            try:
+                pinned = manifest.resolve(uri).uri
+                if pinned == self.loaded[name].uri:
+                    continue
+                with tempfile.TemporaryDirectory() as tmp:
+                    self.add(name, _fetch(name, uri, self.base_sha256, tmp))
+                changed.append(name)
+            except Exception as e:  # keep serving the version already loaded, and say why
+                logger.warning("Adapter `%s` (%s) was not refreshed: %s", name, uri, e)
+        return changed
+
+    def start(self) -> None:
+        """Refresh every ``refresh_seconds`` in a daemon thread, when some reference can move."""
+        if self.refresh_seconds <= 0 or not any(_MOVABLE.match(u) for u in self.refs.values()):
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(self.refresh_seconds):
+                self.refresh()
+
+        self._thread = threading.Thread(target=loop, name="smolora-adapter-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of each adapter's weights in memory."""
+        return {name: entry.nbytes for name, entry in self.loaded.items()}
+
+
+def load(model_root: Path, conf: dict[str, Any], *, device, torch_dtype, base_model_path: str | None,
+         refresh_seconds: float | None = None) -> tuple[Any, Any, AdapterPool]:
+    """(PeftModel with every adapter, tokenizer, pool) for an adapter-set model folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    refs = dict(conf["adapters"])
+    files.verify_files(model_root / conf["data"], conf.get("file_sha256") or {})
+    base_dir = files.locate_base(conf, base_model_path)
+    files.check_base_hash(base_dir, conf)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        base_sha = conf.get("base_model_sha256")
+        fetched = {n: _fetch(n, u, base_sha, f"{tmp}/{i}") for i, (n, u) in enumerate(refs.items())}
+        first_name = next(iter(fetched))
+        first = fetched[first_name]
+        with quiet_upstream_deprecations():
+            model = PeftModel.from_pretrained(base, str(first.local / first.conf["data"]), adapter_name=_internal(
+                first_name, 0), is_trainable=False)
+        pool = AdapterPool(model, refs, conf.get("base_model_sha256"),
+                           conf.get("refresh_seconds", 30) if refresh_seconds is None else refresh_seconds)
+        pool.loaded[first_name] = _Loaded(first.uri, _internal(first_name, 0), _adapter_bytes(model, _internal(
+            first_name, 0)))
+        for name, resolved in list(fetched.items())[1:]:
+            pool.add(name, resolved)
+    model = model.to(device).eval()
+    return model, tokenizer, pool

@@ -1,0 +1,191 @@
+"""The OpenAI wire format: request bodies of ``/v1/completions`` and ``/v1/chat/completions`` turned into
+the flavor's prompts and generation params, and the flavor's text turned into OpenAI response objects.
+
+What maps to what:
+
+- ``model`` names the adapter of an adapter set; a single model accepts any name and echoes it back.
+- ``max_tokens`` (chat also ``max_completion_tokens``) -> ``max_new_tokens`` (default: the model's).
+- ``temperature`` > 0 samples with that temperature, 0 is greedy; absent, the model's defaults apply
+  (greedy for a model saved with the defaults, unlike OpenAI's sampling default).
+- ``top_p``, ``seed``; ``top_k`` and ``repetition_penalty`` as extensions (``extra_body`` in the client).
+- ``echo`` (completions) -> ``return_full_text``; ``stream``, ``stream_options.include_usage``.
+- ``n`` must be 1; ``stop``, ``logprobs``, penalties, tools and logit bias are not supported and are
+  refused when set to anything but their neutral value, so a client never silently gets something else.
+
+Chat ``content`` may be a string or a list of ``{"type": "text", "text": ...}`` parts.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+NEUTRAL = {"n": (1, None), "stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0),
+           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+           "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+           "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None,)}
+COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed",
+          "repetition_penalty", "user", *NEUTRAL}
+FIELDS = {"completions": COMMON | {"prompt", "echo"},
+          "chat": COMMON | {"messages", "max_completion_tokens"}}
+
+
+class BadRequest(ValueError):
+    """A request the OpenAI endpoints refuse, with the field (``param``) it is about."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": "invalid_request_error", "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass
+class OpenAIRequest:
+    kind: str  # "completions" or "chat"
+    model: str
+    model_input: Any  # a list of prompt strings, or a list of chat messages
+    params: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _number(body: dict[str, Any], key: str, kind: type, low: float | None = None) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or (kind is int and not float(value).is_integer()):
+        raise BadRequest(f"`{key}` must be {'an integer' if kind is int else 'a number'}, got {value!r}.", key)
+    if low is not None and value < low:
+        raise BadRequest(f"`{key}` must be >= {low}, got {value!r}.", key)
+    return kind(value)
+
+
+def _params(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    max_tokens = _number(body, "max_completion_tokens", int, 1) if kind == "chat" else None
+    max_tokens = max_tokens or _number(body, "max_tokens", int, 1)
+    if max_tokens is not None:
+        params["max_new_tokens"] = max_tokens
+    temperature = _number(body, "temperature", float, 0)
+    if temperature is not None:
+        params["do_sample"] = temperature > 0
+        if temperature > 0:
+            params["temperature"] = temperature
+    for key, tp in (("top_p", float), ("top_k", int), ("seed", int), ("repetition_penalty", float)):
+        if (value := _number(body, key, tp)) is not None:
+            params[key] = value
+    if body.get("echo") is not None:
+        if not isinstance(body["echo"], bool):
+            raise BadRequest(f"`echo` must be true or false, got {body['echo']!r}.", "echo")
+        params["return_full_text"] = body["echo"]
+    return params
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise BadRequest("`messages` must be a non-empty list of {role, content} objects.", "messages")
+    out = []
+    for i, m in enumerate(value):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: only text
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise BadRequest(f"`messages[{i}].content` parts must all be {{type: text, text: string}}; "
+                                 "other part types are not supported.", f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+            raise BadRequest(f"`messages[{i}]` must be an object with string `role` and `content`, got {m!r}.",
+                             f"messages[{i}]")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _prompts(value: Any) -> list[str]:
+    prompts = [value] if isinstance(value, str) else value
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise BadRequest(f"`prompt` must be a string or a non-empty list of strings, got {value!r:.200}; "
+                         "token-id prompts are not supported.", "prompt")
+    return prompts
+
+
+def parse(body: Any, kind: str) -> OpenAIRequest:
+    """Check an OpenAI request body (``kind``: ``completions`` or ``chat``) and translate it."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"The request body must be a JSON object, got {type(body).__name__}.")
+    unknown = sorted(set(body) - FIELDS[kind])
+    if unknown:
+        raise BadRequest(f"Unsupported field(s) {unknown}; this server accepts {sorted(FIELDS[kind])}.", unknown[0])
+    for key, neutral in NEUTRAL.items():
+        if key in body and body[key] not in neutral:
+            raise BadRequest(f"`{key}` = {body[key]!r} is not supported by this server; leave it out.", key)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest(f"`model` must be a non-empty string (the adapter to use), got {model!r}.", "model")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise BadRequest(f"`stream` must be true or false, got {stream!r}.", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise BadRequest(f"`stream_options` may only hold `include_usage`, got {options!r}.", "stream_options")
+    model_input = _messages(body.get("messages")) if kind == "chat" else _prompts(body.get("prompt"))
+    if stream and kind == "completions" and len(model_input) != 1:
+        raise BadRequest(f"A streamed completion takes one prompt, got {len(model_input)}; send one per request.",
+                         "prompt")
+    return OpenAIRequest(kind, model, model_input, _params(body, kind), stream, bool(options.get("include_usage")))
+
+
+def _finish(tokens: int, max_new_tokens: int) -> str:
+    return "length" if tokens >= max_new_tokens else "stop"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response(req: OpenAIRequest, texts: list[str], tokens: list[int], prompt_tokens: int,
+             max_new_tokens: int) -> dict[str, Any]:
+    """A ``text_completion`` or ``chat.completion`` object for non-streamed completions."""
+    if req.kind == "chat":
+        choices = [{"index": i, "message": {"role": "assistant", "content": t},
+                    "finish_reason": _finish(n, max_new_tokens), "logprobs": None}
+                   for i, (t, n) in enumerate(zip(texts, tokens, strict=True))]
+        obj, prefix = "chat.completion", "chatcmpl-"
+    else:
+        choices = [{"index": i, "text": t, "finish_reason": _finish(n, max_new_tokens), "logprobs": None}
+                   for i, (t, n) in enumerate(zip(texts, tokens, strict=True))]
+        obj, prefix = "text_completion", "cmpl-"
+    return {"id": prefix + req.id, "object": obj, "created": req.created, "model": req.model, "choices": choices,
+            "usage": _usage(prompt_tokens, sum(tokens))}
+
+
+def chunk(req: OpenAIRequest, piece: str | None, finish_reason: str | None = None, *, first: bool = False,
+          usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One streamed chunk: a text piece, the final one with ``finish_reason``, or the usage-only one."""
+    if req.kind == "chat":
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if piece is not None:
+            delta["content"] = piece
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        obj, prefix = "chat.completion.chunk", "chatcmpl-"
+    else:
+        choice = {"index": 0, "text": piece or "", "finish_reason": finish_reason, "logprobs": None}
+        obj, prefix = "text_completion", "cmpl-"
+    out = {"id": prefix + req.id, "object": obj, "created": req.created, "model": req.model,
+           "choices": [] if usage is not None else [choice]}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def models_list(names: list[str], created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "smolora"}
+                                       for n in names]}
