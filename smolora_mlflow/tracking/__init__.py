@@ -27,8 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from smolora_mlflow import constants as C
-from smolora_mlflow.config import SmoloraConfig, redact
+from smolora_mlflow.config import SmoloraConfig
 from smolora_mlflow.constants import ARTIFACT_ERROR, TAG_ERROR
+from smolora_mlflow.redaction import redact
 from smolora_mlflow.tracking.experiments import experiment_id_for
 from smolora_mlflow.tracking.record import git_commit
 

@@ -15,7 +15,8 @@ import subprocess
 from typing import Any
 
 from smolora_mlflow import constants as C
-from smolora_mlflow.config import SmoloraConfig, redact
+from smolora_mlflow.config import SmoloraConfig
+from smolora_mlflow.redaction import redact
 
 PARAM_DISPLAY_LIMIT = 500
 # run_tags are logged as tags; the tracking URI is where the run already is, and may hold a password.
