@@ -189,7 +189,8 @@ class _SmoloraPyfuncWrapper:
 
     def _stream(self, prompt: str, params: dict[str, Any], name: str, cancel) -> Iterator[str]:
         pieces: list[str] = []
-        internal = None if self.adapters is None else self.adapters.internal(name)
+        # Looked up under the generation lock: an alias swapped while this stream waited serves its new adapter.
+        internal = None if self.adapters is None else (lambda: self.adapters.internal(name))
         try:
             for piece in stream(self.model, self.tokenizer, prompt, lock=self._batcher.lock,
                                 adapter_name=internal, cancel=cancel, **params):

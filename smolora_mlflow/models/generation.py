@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -185,8 +185,8 @@ def _cancel_criteria(cancel: threading.Event):
 
 
 def stream(
-    model, tokenizer, prompt: str, *, lock: threading.Lock | None = None, adapter_name: str | None = None,
-    cancel: threading.Event | None = None, **params: Any
+    model, tokenizer, prompt: str, *, lock: threading.Lock | None = None,
+    adapter_name: str | Callable[[], str] | None = None, cancel: threading.Event | None = None, **params: Any
 ) -> Iterator[str]:
     """Yield the completion of ``prompt`` piece by piece; the pieces join to ``generate([prompt])[0]``.
 
@@ -194,7 +194,8 @@ def stream(
     ``TextIteratorStreamer``; an error in the worker is re-raised here once the stream ends. Setting
     ``cancel``, or closing the iterator early (a client that went away), stops ``generate`` at the next
     token, so the lock is not held for a completion nobody reads. ``adapter_name`` picks one adapter of a
-    multi-adapter ``PeftModel``.
+    multi-adapter ``PeftModel``; a callable is asked for it once ``lock`` is held, so an adapter swapped while
+    this stream waited is never asked for.
 
     Example:
         >>> "".join(stream(model, tokenizer, "Hello", max_new_tokens=4))
@@ -209,8 +210,6 @@ def stream(
     kwargs = _generate_kwargs(model, tokenizer, p)
     device = next(model.parameters()).device
     enc = _encode(tokenizer, [prompt], device)
-    if adapter_name is not None:
-        enc["adapter_names"] = [adapter_name]
     cancel = cancel or threading.Event()
     kwargs["stopping_criteria"] = _cancel_criteria(cancel)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -222,6 +221,8 @@ def stream(
                 if cancel.is_set():  # the client left while this stream waited for the lock
                     streamer.end()
                     return
+                if adapter_name is not None:
+                    enc["adapter_names"] = [adapter_name() if callable(adapter_name) else adapter_name]
                 if int(p["seed"]) >= 0:
                     torch.manual_seed(int(p["seed"]))
                 model.eval()
