@@ -50,3 +50,25 @@ def test_kept_checkpoints_are_logged_models_linked_to_their_step(tracking_uri, t
     out = mlflow.pyfunc.load_model(f"models:/ckpt-best/{mv.version}").predict({"prompt": ["The food was"]},
                                                                               params={"max_new_tokens": 3})
     assert len(out) == 1 and isinstance(out["generated_text"][0], str)
+
+
+def test_checkpoint_models_never_fail_a_finished_training(tracking_uri, tmp_path, caplog):
+    """Ranking against a run the store cannot find (as with an unreachable server) is a warning, and while the
+    tracking server is not taking writes no checkpoint is uploaded at all (the upload would hold the loop)."""
+    import logging
+
+    from smolora_mlflow.train.checkpoint_models import CheckpointModels
+
+    cfg = SmoloraConfig(**TINY_TRAINING, save_steps=2, output_dir=str(tmp_path / "out"), experiment_name="ckpt",
+                        checkpoint_models=False)
+    lora = SmoLoRA(config=cfg)
+    run_id = lora.train().run_id
+    ckpt = next((tmp_path / "out").glob("checkpoint-*"))
+    with caplog.at_level(logging.WARNING, logger="smolora_mlflow.train.checkpoint_models"):
+        assert CheckpointModels(lora, lambda: "0" * 32).finish(2) == {}
+        assert CheckpointModels(lora, lambda: run_id, reachable=lambda: False).log(ckpt, 2) is None
+    assert "Could not rank the checkpoint models" in caplog.text and "is not logged as a LoggedModel" in caplog.text
+    client = mlflow.MlflowClient()
+    exp = client.get_run(run_id).info.experiment_id
+    assert client.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'") == []
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

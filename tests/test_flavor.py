@@ -321,6 +321,7 @@ BAD_INPUTS = [
     ({"prompt": ["a"]}, {"top_k": -1}, "`top_k` must be >= 0"),
     ({"prompt": ["a"]}, {"repetition_penalty": 0.0}, "`repetition_penalty` must be > 0"),
     ({"prompt": ["a"]}, {"max_new_tokens": "many"}, "max_new_tokens"),
+    ({"prompt": ["a"]}, {"seed": 2**64}, r"`seed` must be in 0\.\.2\*\*63-1"),  # torch.manual_seed overflows
     ({"prompt": ["word " * 600]}, None, "exceeds the model's context of 512 tokens"),
 ]
 

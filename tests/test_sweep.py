@@ -24,6 +24,10 @@ def test_search_space_is_parsed_and_every_problem_reported():
     with pytest.raises(ConfigError) as e:
         parse_space({"lora_rank": "choice:4", "learning_rate": "log:0..1", "output_dir": "choice:a"})
     assert len(e.value.problems) == 3 and "lora_rank" in e.value.problems[0]
+    # Fields every trial sets itself cannot be searched (they used to crash cfg.replace with a TypeError).
+    with pytest.raises(ConfigError, match="run_name.*not a searchable") as e:
+        parse_space({"run_name": "choice:a|b", "run_tags": "choice:x"})
+    assert len(e.value.problems) == 2
 
 
 def test_sweep_runs_nested_trials_and_registers_the_best(tracking_uri, tmp_path, capsys):

@@ -26,6 +26,10 @@ def test_training_run_logs_cpu_and_memory(tracking_uri, tmp_path):
     assert "system/cpu_utilization_percentage" in metrics
     assert metrics["system/system_memory_usage_megabytes"] > 0
     assert len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) >= 1
+    # The sampling interval applied to that run only; MLflow's process-wide setting is as it was.
+    import os
+
+    assert "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ
     # Off by default: a second run has no system metrics.
     plain = SmoLoRA(config=cfg.replace(system_metrics=False, output_dir=str(tmp_path / "b"))).train().run_id
     assert not [k for k in client.get_run(plain).data.metrics if k.startswith("system/")]

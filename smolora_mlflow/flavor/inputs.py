@@ -59,7 +59,7 @@ def _range_problems(p: dict[str, Any], max_new_tokens_limit: int) -> list[str]:
         ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
         ("top_k", lambda v: v >= 0, ">= 0"),
         ("repetition_penalty", lambda v: v > 0, "> 0"),
-        ("seed", lambda v: v >= -1, ">= 0, or -1 for no seed"),
+        ("seed", lambda v: -1 <= v < 2**63, "in 0..2**63-1, or -1 for no seed"),
     ]
     problems = [f"`{k}` must be {text}, got {p[k]!r}." for k, ok, text in checks if k in p and not ok(p[k])]
     if p.get("do_sample") and "temperature" in p and p["temperature"] <= 0:

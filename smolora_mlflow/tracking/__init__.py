@@ -154,6 +154,10 @@ class RunTracker:
 
     def _start_run(self, resume_run_id: str | None):
         """(run, whether we end it, whether it existed before) for the run this training logs to."""
+        with _sampling_interval(self.cfg):  # MLflow's monitor reads it when the run starts
+            return self._start_or_attach(resume_run_id)
+
+    def _start_or_attach(self, resume_run_id: str | None):
         import mlflow
 
         active = mlflow.active_run()
@@ -275,6 +279,10 @@ class RunTracker:
 
         return [MlflowTrainingCallback(self)]
 
+    def reachable(self) -> bool:
+        """Whether the tracking server is taking writes (the outbox's last attempt did not fail)."""
+        return self.buffer is None or not self.buffer.outbox.stalled
+
     def training_started(self, model, tokenizer) -> None:
         """Called by the callback when training starts: the parameter counts, and the tokenizer for samples."""
         self._tokenizer = tokenizer
@@ -374,24 +382,42 @@ def system_metrics_option(cfg: SmoloraConfig) -> bool | None:
     MLflow's monitor samples CPU and memory (psutil), disk and network, and GPU utilisation and memory where
     pynvml (NVIDIA) or pyrsmi (AMD) is installed, as ``system/...`` metrics of the run.
     """
-    if not cfg.system_metrics:
-        return None
-    import mlflow
+    return True if cfg.system_metrics else None
 
-    mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_interval)
-    return True
+
+@contextlib.contextmanager
+def _sampling_interval(cfg: SmoloraConfig) -> Iterator[None]:
+    """``cfg.system_metrics_interval`` for the monitor of the run started inside, and for no other run: MLflow's
+    setting is a process-wide environment variable, which a notebook's or a sweep's next run would inherit."""
+    name = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+    before = os.environ.get(name)
+    if cfg.system_metrics:
+        os.environ[name] = str(cfg.system_metrics_interval)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _forget_active_run() -> None:
-    """Pop the fluent active run without telling the server (which is unreachable)."""
+    """Pop the fluent active run without telling the server (which is unreachable), and stop its system
+    metrics monitor, which ``end_run`` would have stopped (it would sample into the dead run until exit)."""
     import mlflow
     from mlflow.tracking import fluent
 
     try:
-        fluent._active_run_stack.get().pop()
+        run = fluent._active_run_stack.get().pop()
     except (AttributeError, IndexError):  # another MLflow layout: fall back to the public call
         with contextlib.suppress(Exception):
             mlflow.end_run()
+        return
+    monitor = getattr(fluent, "run_id_to_system_metrics_monitor", {}).pop(run.info.run_id, None)
+    stop = getattr(monitor, "_shutdown_event", None)  # not finish(): it joins, then flushes to the dead server
+    if stop is not None:
+        stop.set()
 
 
 def _same_param(a: str, b: str) -> bool:

@@ -85,6 +85,7 @@ class Outbox:
         self._busy = False
         self._stop = False
         self.failures = 0  # failed attempts so far (each retried)
+        self.stalled = False  # the last attempt failed: the tracking server is not taking writes now
         self._thread: threading.Thread | None = None
 
     def put(self, op: Op) -> None:
@@ -110,6 +111,7 @@ class Outbox:
                 op.apply(self.client, self.run_id)
             except Exception as e:
                 self.failures += 1
+                self.stalled = True
                 if self.failures == 1 or self.failures % 10 == 0:
                     logger.warning("MLflow write (%s) failed, keeping %d queued write(s) and retrying: %s",
                                    op.kind, len(self._queue), str(e).splitlines()[0][:300])
@@ -120,6 +122,7 @@ class Outbox:
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             backoff = 0.5
+            self.stalled = False
             with self._cond:
                 self._queue.popleft()
                 self._busy = False

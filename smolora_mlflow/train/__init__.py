@@ -194,16 +194,16 @@ class SmoLoRA:
         resume_run = checkpoints.read_run_id(resume) if resume else None
         with tracker.run(resume_run_id=resume_run) as run_id:
             self.run_id = run_id
-            self._checkpoint_models = (CheckpointModels(self, lambda: tracker.run_id)
+            self._checkpoint_models = (CheckpointModels(self, lambda: tracker.run_id, tracker.reachable)
                                        if run_id and cfg.checkpoint_models and cfg.save_steps > 0 else None)
             trainer = self._build_trainer(model, tokenizer, train_data, tracker)
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-            if self._checkpoint_models is not None:
-                self.checkpoint_roles = self._checkpoint_models.finish(cfg.save_total_limit)
             metrics = dict(output.metrics)
             if data.eval is not None:
                 metrics.update(_with_perplexity(_final_eval(trainer)))
-            self._save_adapter(trainer, tokenizer)
+            self._save_adapter(trainer, tokenizer)  # before anything else talks to the tracking server
+            if self._checkpoint_models is not None:
+                self.checkpoint_roles = self._checkpoint_models.finish(cfg.save_total_limit)
             tracker.finish(trainer, self.adapter_dir, metrics)
         self.model = trainer.model
         self.tokenizer = tokenizer

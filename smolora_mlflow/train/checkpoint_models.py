@@ -3,7 +3,8 @@
 When a checkpoint is complete, its adapter is logged to the training run as a ``smolora`` flavor model in
 adapter mode, named ``checkpoint-<step>``, with ``step`` set, and the metrics the run holds at that step
 (loss, eval loss...) linked to it (``log_metric(model_id=...)``, without a second row in the run's history).
-When training ends, the checkpoints are ranked on ``eval_loss`` (``loss`` without an eval split): the
+When training ends, the checkpoints are ranked on ``eval_loss`` (on ``loss`` unless every checkpoint has an
+``eval_loss``, so two checkpoints are never ranked on different metrics): the
 ``save_total_limit`` best keep a rank tag, the best and the latest a role tag, and the others are deleted.
 
 Example:
@@ -28,17 +29,24 @@ logger = logging.getLogger(__name__)
 class CheckpointModels:
     """Logs complete checkpoints as LoggedModels of one training run, and ranks them at the end."""
 
-    def __init__(self, lora, run_id_getter):
+    def __init__(self, lora, run_id_getter, reachable=lambda: True):
         self.lora = lora
         self._run_id = run_id_getter
+        self._reachable = reachable
 
     def log(self, ckpt: Path, step: int) -> str | None:
         """Log ``ckpt`` (a complete checkpoint) and link the run's metrics at ``step``; returns the model id.
 
-        A failure is logged as a warning: the checkpoint on disk stays resumable, and training goes on.
+        A failure is logged as a warning: the checkpoint on disk stays resumable, and training goes on. While
+        the tracking server is not taking the run's writes, the checkpoint is not logged at all: uploading a
+        model would hold the training loop through every HTTP retry.
         """
         run_id = self._run_id()
         if not run_id:
+            return None
+        if not self._reachable():
+            logger.warning("MLflow is not taking writes now; %s is not logged as a LoggedModel (it stays on "
+                           "disk and resumable).", ckpt)
             return None
         try:
             return self._log(ckpt, step, run_id)
@@ -63,10 +71,21 @@ class CheckpointModels:
         return info.model_id
 
     def finish(self, keep: int) -> dict[str, Any]:
-        """Rank the run's checkpoint models, tag the kept ones, delete the rest; returns ``{role: model_id}``."""
+        """Rank the run's checkpoint models, tag the kept ones, delete the rest; returns ``{role: model_id}``.
+
+        A failure (an unreachable tracking server) is a warning and ``{}``: training has succeeded and its
+        adapter is saved; the checkpoint models stay as they are, unranked.
+        """
         run_id = self._run_id()
-        if not run_id:
+        if not run_id or not self._reachable():
             return {}
+        try:
+            return self._finish(run_id, keep)
+        except Exception as e:
+            logger.warning("Could not rank the checkpoint models of run %s (they stay, unranked): %s", run_id, e)
+            return {}
+
+    def _finish(self, run_id: str, keep: int) -> dict[str, Any]:
         import mlflow
 
         client = mlflow.MlflowClient()
@@ -76,7 +95,8 @@ class CheckpointModels:
                   if C.TAG_CHECKPOINT_STEP in m.tags]
         if not models:
             return {}
-        ranked = sorted(models, key=_ranking_value)
+        key = C.METRIC_EVAL_LOSS if all(C.METRIC_EVAL_LOSS in _values(m) for m in models) else C.METRIC_LOSS
+        ranked = sorted(models, key=lambda m: _ranking_value(m, key))
         latest = max(models, key=lambda m: int(m.tags[C.TAG_CHECKPOINT_STEP]))
         roles = {"best": ranked[0].model_id, "latest": latest.model_id}
         for rank, m in enumerate(ranked, start=1):
@@ -91,8 +111,10 @@ class CheckpointModels:
         return roles
 
 
-def _ranking_value(model) -> tuple[float, int]:
-    """(eval_loss, else loss, else +inf; then later steps first) of a checkpoint model."""
-    values = {m.key: m.value for m in (model.metrics or [])}
-    value = values.get(C.METRIC_EVAL_LOSS, values.get(C.METRIC_LOSS, float("inf")))
-    return float(value), -int(model.tags[C.TAG_CHECKPOINT_STEP])
+def _values(model) -> dict[str, float]:
+    return {m.key: m.value for m in (model.metrics or [])}
+
+
+def _ranking_value(model, key: str) -> tuple[float, int]:
+    """(``key``'s value, else +inf; then later steps first) of a checkpoint model."""
+    return float(_values(model).get(key, float("inf"))), -int(model.tags[C.TAG_CHECKPOINT_STEP])

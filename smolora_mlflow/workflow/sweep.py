@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 _KINDS = ("choice", "int", "float", "log")
 _NOT_SEARCHABLE = {"sweep_space", "sweep_trials", "sweep_metric", "sweep_sampler", "tracking", "tracking_uri",
-                   "experiment_name", "output_dir", "registered_model_name", "resume_from_checkpoint"}
+                   "experiment_name", "output_dir", "registered_model_name", "resume_from_checkpoint", "run_name",
+                   "run_tags"}
 
 
 @dataclass
@@ -129,11 +130,12 @@ def run_sweep(cfg: SmoloraConfig, *, promote: bool = False, promote_options: dic
                            "sweep_sampler": cfg.sweep_sampler, "sweep_direction": "max" if maximize else "min",
                            **{f"sweep_space.{k}": v for k, v in cfg.sweep_space.items()}})
         best: dict[str, Any] = {}
+        bases: dict[str, Any] = {}  # base model -> loaded once for task_eval, whatever the trials change
 
         def objective(trial) -> float:
             params = _suggest(trial, space)
             say(f"trial {trial.number}: {params}")
-            lora, value = _trial(cfg, parent_id, trial.number, params)
+            lora, value = _trial(cfg, parent_id, trial.number, params, bases)
             run_id = lora.run_id
             result.trials.append({"number": trial.number, "run_id": run_id, "params": params, "value": value})
             better = not best or (value > best["value"] if maximize else value < best["value"])
@@ -149,7 +151,7 @@ def run_sweep(cfg: SmoloraConfig, *, promote: bool = False, promote_options: dic
     return result
 
 
-def _trial(cfg: SmoloraConfig, parent_id: str, number: int, params: dict[str, Any]):
+def _trial(cfg: SmoloraConfig, parent_id: str, number: int, params: dict[str, Any], bases: dict[str, Any]):
     """Train one trial (a run nested under the sweep's) and read its objective value."""
     from smolora_mlflow.evaluation.loading import LoadedModel
     from smolora_mlflow.train import SmoLoRA
@@ -162,8 +164,12 @@ def _trial(cfg: SmoloraConfig, parent_id: str, number: int, params: dict[str, An
     metrics = dict(lora.train().metrics)
     if cfg.sweep_metric not in metrics and cfg.task_eval:
         loaded = LoadedModel(lora.model.eval(), lora.tokenizer, str(lora.adapter_dir))
+        from smolora_mlflow.workflow import task_eval
+
+        if lora.config.base_model not in bases:
+            bases[lora.config.base_model] = task_eval.load_base(lora.config)
         metrics.update(evaluate_run(None, lora.config, loaded=loaded, prepared=lora.data,
-                                    run_name=f"trial-{number}-evaluate").metrics)
+                                    base=bases[lora.config.base_model], run_name=f"trial-{number}-evaluate").metrics)
     if cfg.sweep_metric not in metrics:
         raise ConfigError([f"`sweep_metric` {cfg.sweep_metric!r} is not a metric of trial {number} (it has "
                            f"{sorted(metrics)}); set `eval_fraction` > 0 for eval_loss, or `task_eval` for "
