@@ -142,6 +142,36 @@ def test_moving_an_alias_is_picked_up_without_reloading(registry):
     assert sorted(model._model_impl.model.peft_config) == sorted(e.internal for e in pool.loaded.values())
 
 
+def test_the_refresh_thread_reads_its_own_store_and_ends_with_the_model(registry, tmp_path, monkeypatch):
+    """The periodic refresh reads the stores the set was loaded from, and stops once the model is dropped
+    (a leaked thread used to migrate whatever SQLite store later tests pointed MLflow at)."""
+    import gc
+
+    import mlflow
+
+    from smolora_mlflow import registry as reg
+
+    model = mlflow.pyfunc.load_model("models:/bots/1", model_config={"refresh_seconds": 0.05})
+    pool = model._model_impl.adapters
+    thread = pool._thread
+    assert thread is not None and thread.is_alive()
+    elsewhere = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
+    mlflow.set_tracking_uri(f"sqlite:///{elsewhere}")
+    mlflow.set_registry_uri(f"sqlite:///{elsewhere}")
+    reg.set_alias("a0", "champion", 2, client=mlflow.MlflowClient(registry, registry))
+    deadline = time.monotonic() + 20
+    while pool.loaded["a0"].uri != "models:/a0/2" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.loaded["a0"].uri == "models:/a0/2"  # the move in the set's own registry was picked up
+    assert not elsewhere.exists()  # and the store the process points at now was never touched
+    del model, pool
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    mlflow.set_registry_uri(registry)
+
+
 def test_an_adapter_trained_on_another_base_is_refused(registry, adapter_dirs, tiny_llama_dir, tmp_path):
     from mlflow.exceptions import MlflowException
 

@@ -11,6 +11,7 @@ import logging
 import re
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ class AdapterPool:
         self._serial = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        import mlflow
+
+        self.tracking_uri, self.registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
 
     def names(self) -> list[str]:
         return list(self.refs)
@@ -92,17 +96,24 @@ class AdapterPool:
             logger.info("Adapter `%s` now serves %s (was %s).", name, resolved.uri, old.uri)
 
     def refresh(self) -> list[str]:
-        """Re-resolve the references that can move; load what changed. Returns the names switched."""
+        """Re-resolve the references that can move; load what changed. Returns the names switched.
+
+        It reads the tracking and registry stores the set was loaded from, not whatever the process points
+        at by the time it runs (a notebook or a test may have moved on to another store).
+        """
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri, self.registry_uri)
         changed = []
         for name, uri in self.refs.items():
             if not _MOVABLE.match(uri):
                 continue
             try:
-                pinned = manifest.resolve(uri).uri
+                pinned = manifest.resolve(uri, client=client).uri
                 if pinned == self.loaded[name].uri:
                     continue
                 with tempfile.TemporaryDirectory() as tmp:
-                    self.add(name, _fetch(name, uri, self.base_sha256, tmp))
+                    self.add(name, _fetch(name, uri, self.base_sha256, tmp, client=client))
                 changed.append(name)
             except Exception as e:  # keep serving the version already loaded, and say why
                 logger.warning("Adapter `%s` (%s) was not refreshed: %s", name, uri, e)
@@ -113,9 +124,17 @@ class AdapterPool:
         if self.refresh_seconds <= 0 or not any(_MOVABLE.match(u) for u in self.refs.values()):
             return
 
+        # The thread holds only a weak reference: once the model is dropped (a notebook cell re-run, a test
+        # that is over) the pool goes with it and the thread ends, instead of refreshing for ever.
+        pool, stop, every = weakref.ref(self), self._stop, self.refresh_seconds
+
         def loop() -> None:
-            while not self._stop.wait(self.refresh_seconds):
-                self.refresh()
+            while not stop.wait(every):
+                live = pool()
+                if live is None:
+                    return
+                live.refresh()
+                del live
 
         self._thread = threading.Thread(target=loop, name="smolora-adapter-refresh", daemon=True)
         self._thread.start()

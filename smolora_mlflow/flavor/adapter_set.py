@@ -83,14 +83,24 @@ class _Resolved:
     conf: dict[str, Any]
 
 
-def _fetch(name: str, uri: str, base_sha256: str | None, dst: str | None = None) -> _Resolved:
-    """Download one referenced adapter model and check it: mode, manifest digest, file hashes, base hash."""
-    expected = manifest.resolve(uri)
+def _fetch(name: str, uri: str, base_sha256: str | None, dst: str | None = None, client=None) -> _Resolved:
+    """Download one referenced adapter model and check it: mode, manifest digest, file hashes, base hash.
+
+    ``client`` names the stores to read (the pool's refresh thread passes the ones the set was loaded from);
+    default: the current tracking and registry URIs.
+    """
+    expected = manifest.resolve(uri, client=client)
     from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
     if dst:
         os.makedirs(dst, exist_ok=True)
-    local = Path(_download_artifact_from_uri(artifact_uri=expected.uri, output_path=dst))
+    source, stores = expected.uri, {}
+    if client is not None:
+        # MLflow resolves a models:/ URI with the process-wide registry URI, whatever it is given, so the
+        # version's files are looked up here with ``client`` and downloaded from where they live.
+        source = _storage_uri(client, expected.uri)
+        stores = {"tracking_uri": client.tracking_uri, "registry_uri": client._registry_uri}
+    local = Path(_download_artifact_from_uri(artifact_uri=source, output_path=dst, **stores))
     conf = files.read_flavor_conf(local)
     manifest.check(conf, expected)
     if conf.get("mode") != "adapter":
@@ -104,6 +114,18 @@ def _fetch(name: str, uri: str, base_sha256: str | None, dst: str | None = None)
             error_code=INVALID_STATE)
     files.verify_files(local / conf["data"], conf.get("file_sha256") or {})
     return _Resolved(expected.uri, local, conf)
+
+
+def _storage_uri(client, uri: str) -> str:
+    """Where the files of a pinned ``models:/name/N`` or ``models:/<model_id>`` live; other URIs as they are."""
+    if not uri.startswith("models:/"):
+        return uri
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    found = get_model_name_and_version(client, uri)
+    if len(found) == 1:
+        return client.get_logged_model(found[0]).artifact_location
+    return client.get_model_version_download_uri(*found)
 
 
 def _signature(defaults: Mapping[str, Any]) -> ModelSignature:
