@@ -5,6 +5,7 @@ a logged model and a registered version speak the same vocabulary.
 """
 
 FLAVOR_NAME = "smolora"
+ADAPTER_PARAM = "adapter"  # the param (and /stream field) naming an adapter set's adapter
 
 # Run tags (lineage).
 TAG_BASE_MODEL = "smolora.base_model"

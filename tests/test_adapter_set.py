@@ -187,6 +187,38 @@ def test_an_adapter_trained_on_another_base_is_refused(registry, adapter_dirs, t
         adapter_set.save_adapter_set(tmp_path / "bad", {"no spaces": "models:/a1/1"}, pip_requirements=PIP)
 
 
+def test_edited_mlmodel_references_and_mixed_prompt_formats_are_refused(registry, adapter_dirs, demo_model_dir,
+                                                                         tmp_path):
+    import mlflow
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    from smolora_mlflow import flavor
+    from smolora_mlflow.flavor import adapter_set
+
+    # MLmodel's `adapters` is outside the manifest digest; the hashed adapters.json is what counts.
+    local = Path(mlflow.artifacts.download_artifacts("models:/bots/1", dst_path=str(tmp_path / "dl")))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    mlmodel["flavors"]["smolora"]["adapters"]["a1"] = "models:/a0/2"
+    (local / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with pytest.raises(MlflowException, match=r"the adapters in MLmodel \(.*'a1': 'models:/a0/2'.*\) differ from "
+                                              r"those in its hashed `adapter_set/adapters.json` \(.*'a1': "
+                                              r"'models:/a1/1'") as e:
+        mlflow.pyfunc.load_model(str(local), model_config={"refresh_seconds": 0})
+    assert e.value.error_code == "INVALID_STATE"
+
+    with mlflow.start_run():
+        flavor.log_model("model", mode="adapter", adapter_dir=adapter_dirs["s1"], base_model=str(demo_model_dir),
+                         pip_requirements=PIP, registered_model_name="chatty", prompt_format="chat")
+    with pytest.raises(MlflowException, match=r"must share one prompt format .*got \{'a': 'plain', 'c': 'chat'\}"):
+        adapter_set.save_adapter_set(tmp_path / "mixed", {"a": "models:/a1/1", "c": "models:/chatty/1"},
+                                     pip_requirements=PIP)
+    assert not (tmp_path / "mixed").exists()
+    adapter_set.save_adapter_set(tmp_path / "chat", {"c": "models:/chatty/1"}, pip_requirements=PIP)
+    wrapper = mlflow.pyfunc.load_model(str(tmp_path / "chat"), model_config={"refresh_seconds": 0})._model_impl
+    assert wrapper.prompt_format == "chat"
+
+
 @pytest.mark.slow
 def test_served_adapter_set_through_the_openai_client(registry, tmp_path):
     import openai
@@ -220,6 +252,12 @@ def test_served_adapter_set_through_the_openai_client(registry, tmp_path):
             time.sleep(0.3)
         import requests
 
+        for bad in (["a1"], {}):  # not a string: the client's mistake, a 400 naming the value
+            for path, body in (("/stream", {"prompt": PROMPTS[0], "adapter": bad}),
+                               ("/invocations", {"inputs": {"prompt": [PROMPTS[0]]}, "params": {"adapter": bad}})):
+                answer = requests.post(f"{srv.url}{path}", json=body, timeout=60)
+                assert answer.status_code == 400, (path, bad, answer.text)
+                assert "adapter" in answer.json()["message"], answer.text
         metrics = requests.get(f"{srv.url}/metrics", timeout=10).text
         for name in want:
             assert f'smolora_requests_total{{adapter="{name}"}}' in metrics

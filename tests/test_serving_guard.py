@@ -81,3 +81,25 @@ def test_depth_ignores_brackets_in_strings_and_needs_no_recursion():
     assert json_depth(b'{"a": "[[[[[[", "b": ["\\"]]]]"]}') == 2
     assert json_depth(b"[" * 200_000 + b"]" * 200_000) == 200_000
     assert json_depth(b'"just a string"') == 0
+
+
+def test_metrics_render_large_counters_exactly_and_count_a_500_when_the_app_raises():
+    from smolora_mlflow.serving.metrics import Metrics, MetricsMiddleware
+
+    metrics = Metrics()
+    metrics.inc("smolora_generated_tokens_total", 1234567, adapter="a")
+    metrics.inc("smolora_generated_tokens_total", 0.25, adapter="b")
+    text = metrics.render()
+    assert 'smolora_generated_tokens_total{adapter="a"} 1234567\n' in text
+    assert 'smolora_generated_tokens_total{adapter="b"} 0.25\n' in text
+
+    async def broken(scope, receive, send):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _call(MetricsMiddleware(broken, metrics), [b"{}"], {"content-type": "application/json"})
+    assert metrics.value("smolora_http_responses_total", path="/invocations", status="500") == 1
+    assert metrics.value("smolora_http_errors_total", path="/invocations", status="500") == 1
+    _call(MetricsMiddleware(_echo, metrics), [b"{}"], {"content-type": "application/json"})
+    assert metrics.value("smolora_http_responses_total", path="/invocations", status="200") == 1
+    assert metrics.value("smolora_http_responses_total", path="/invocations", status="500") == 1

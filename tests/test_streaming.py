@@ -153,6 +153,47 @@ def test_openai_bad_requests_are_4xx_naming_the_field(client, server):
     assert _metric(server.url, "smolora_http_errors_total", path="/v1/completions", status="400") >= 5
 
 
+def test_openai_bools_are_not_numbers_and_stream_is_a_bool(server):
+    import requests
+
+    for extra, field in [({"n": True}, "n"), ({"top_logprobs": False}, "top_logprobs"), ({"stream": 0}, "stream"),
+                         ({"stream": "yes"}, "stream"), ({"best_of": True}, "best_of")]:
+        answer = requests.post(f"{server.url}/v1/completions", json={"model": "m", "prompt": PROMPT, **extra},
+                               timeout=60)
+        assert answer.status_code == 400, (extra, answer.text)
+        assert answer.json()["error"]["param"] == field, answer.text
+    answer = requests.post(f"{server.url}/v1/completions", json={"model": "m", "prompt": PROMPT, "n": 1,
+                                                                 "top_logprobs": 0, "stream": False, "max_tokens": 2},
+                           timeout=60)
+    assert answer.status_code == 200, answer.text
+
+
+def test_openai_echo_counts_only_the_completion(client, server, expected):
+    plain = client.completions.create(model="m", prompt=PROMPT, max_tokens=8)
+    echoed = client.completions.create(model="m", prompt=PROMPT, max_tokens=8, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text == PROMPT + expected(PROMPT)
+    assert echoed.usage.completion_tokens == plain.usage.completion_tokens
+    assert echoed.choices[0].finish_reason == plain.choices[0].finish_reason
+    chunks = list(client.completions.create(model="m", prompt=PROMPT, max_tokens=8, echo=True, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == echoed.choices[0].text
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    # A stream that ran to its end is not a cancelled one (uvicorn reports a disconnect once it is complete).
+    assert _metric(server.url, "smolora_streams_cancelled_total", adapter="default") == 0
+
+
+def test_openai_size_limits_answer_before_usage_is_counted(server):
+    import requests
+
+    too_long = {"model": "m", "prompt": "x" * 100_001, "max_tokens": 2}
+    for stream in (False, True):
+        answer = requests.post(f"{server.url}/v1/completions", json={**too_long, "stream": stream}, timeout=60)
+        assert answer.status_code == 400 and "max_prompt_chars" in answer.text, answer.text
+    answer = requests.post(f"{server.url}/v1/completions", json={"model": "m", "prompt": ["a"] * 257}, timeout=60)
+    assert answer.status_code == 400 and "max_prompts_per_request" in answer.text, answer.text
+
+
 def test_client_that_disconnects_mid_stream_frees_its_slot(server, expected):
     import requests
 

@@ -7,6 +7,7 @@ peft and transformers are imported inside functions.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_STATE
 
 from smolora_mlflow.flavor import files
-from smolora_mlflow.flavor.adapter_set import _fetch, _Resolved
+from smolora_mlflow.flavor.adapter_set import REFS_FILE, _fetch, _Resolved
 from smolora_mlflow.models import manifest
 from smolora_mlflow.models.io import quiet_upstream_deprecations
 
@@ -50,8 +52,10 @@ class AdapterPool:
     while a ``generate`` call runs.
     """
 
-    def __init__(self, model, refs: dict[str, str], base_sha256: str | None, refresh_seconds: float):
+    def __init__(self, model, refs: dict[str, str], base_sha256: str | None, refresh_seconds: float,
+                 prompt_format: str = "plain"):
         self.model, self.refs, self.base_sha256 = model, dict(refs), base_sha256
+        self.prompt_format = prompt_format
         self.refresh_seconds = float(refresh_seconds)
         self.lock = threading.Lock()
         self.loaded: dict[str, _Loaded] = {}
@@ -66,6 +70,9 @@ class AdapterPool:
         return list(self.refs)
 
     def check_name(self, adapter: Any) -> str:
+        if adapter is not None and not isinstance(adapter, str):
+            raise MlflowException.invalid_parameter_value(
+                f"`adapter` must be a string naming an adapter, one of {self.names()}, got {adapter!r:.200}.")
         if adapter in (None, ""):
             raise MlflowException.invalid_parameter_value(
                 f"This is an adapter set: name the adapter with param `adapter` (or `model` in the OpenAI API), "
@@ -113,7 +120,9 @@ class AdapterPool:
                 if pinned == self.loaded[name].uri:
                     continue
                 with tempfile.TemporaryDirectory() as tmp:
-                    self.add(name, _fetch(name, uri, self.base_sha256, tmp, client=client))
+                    resolved = _fetch(name, uri, self.base_sha256, tmp, client=client)
+                    _check_format(name, resolved, self.prompt_format)
+                    self.add(name, resolved)
                 changed.append(name)
             except Exception as e:  # keep serving the version already loaded, and say why
                 logger.warning("Adapter `%s` (%s) was not refreshed: %s", name, uri, e)
@@ -147,14 +156,44 @@ class AdapterPool:
         return {name: entry.nbytes for name, entry in self.loaded.items()}
 
 
+def _check_format(name: str, resolved: _Resolved, prompt_format: str) -> None:
+    got = resolved.conf.get("prompt_format") or "plain"
+    if got != prompt_format:
+        raise MlflowException(
+            f"Adapter `{name}` ({resolved.uri}) was trained with prompt format `{got}`, but this adapter set "
+            f"renders prompts as `{prompt_format}`; every adapter of a set must share one format.",
+            error_code=INVALID_STATE)
+
+
+def _verified_refs(model_root: Path, conf: dict[str, Any]) -> dict[str, str]:
+    """The references in the hashed ``adapters.json`` (verified by now), refused if MLmodel says otherwise.
+
+    The manifest digest covers the data files, not MLmodel's ``adapters`` key; whoever could edit MLmodel
+    could otherwise point a name at another model.
+    """
+    path = model_root / conf["data"] / REFS_FILE
+    try:
+        refs = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MlflowException(f"Adapter set `{model_root}`: its references file `{path}` cannot be read: {e}.",
+                              error_code=INVALID_STATE) from e
+    listed = conf.get("adapters")
+    if not isinstance(refs, dict) or refs != listed:
+        raise MlflowException(
+            f"Adapter set `{model_root}`: the adapters in MLmodel ({listed!r}) differ from those in its hashed "
+            f"`{conf['data']}/{REFS_FILE}` ({refs!r}); MLmodel was edited after the set was saved. Refusing "
+            "to load it: re-download or re-log the adapter set.", error_code=INVALID_STATE)
+    return {str(k): str(v) for k, v in refs.items()}
+
+
 def load(model_root: Path, conf: dict[str, Any], *, device, torch_dtype, base_model_path: str | None,
          refresh_seconds: float | None = None) -> tuple[Any, Any, AdapterPool]:
     """(PeftModel with every adapter, tokenizer, pool) for an adapter-set model folder."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    refs = dict(conf["adapters"])
     files.verify_files(model_root / conf["data"], conf.get("file_sha256") or {})
+    refs = _verified_refs(model_root, conf)
     base_dir = files.locate_base(conf, base_model_path)
     files.check_base_hash(base_dir, conf)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
@@ -162,13 +201,25 @@ def load(model_root: Path, conf: dict[str, Any], *, device, torch_dtype, base_mo
     with tempfile.TemporaryDirectory() as tmp:
         base_sha = conf.get("base_model_sha256")
         fetched = {n: _fetch(n, u, base_sha, f"{tmp}/{i}") for i, (n, u) in enumerate(refs.items())}
+        prompt_format = conf.get("prompt_format")
+        if prompt_format is None:  # a set saved before the format was recorded: its adapters' one format
+            formats = {n: r.conf.get("prompt_format") or "plain" for n, r in fetched.items()}
+            prompt_format = next(iter(formats.values())) if len(set(formats.values())) == 1 else "plain"
+            if len(set(formats.values())) > 1:
+                logger.warning("Adapter set `%s` mixes prompt formats %s; rendering every prompt `plain` as "
+                               "it was saved. Re-log it with adapters of one format.", model_root, formats)
+            conf["prompt_format"] = prompt_format  # what the wrapper renders requests with
+        else:
+            for name, resolved in fetched.items():
+                _check_format(name, resolved, prompt_format)
         first_name = next(iter(fetched))
         first = fetched[first_name]
         with quiet_upstream_deprecations():
             model = PeftModel.from_pretrained(base, str(first.local / first.conf["data"]), adapter_name=_internal(
                 first_name, 0), is_trainable=False)
         pool = AdapterPool(model, refs, conf.get("base_model_sha256"),
-                           conf.get("refresh_seconds", 30) if refresh_seconds is None else refresh_seconds)
+                           conf.get("refresh_seconds", 30) if refresh_seconds is None else refresh_seconds,
+                           prompt_format)
         pool.loaded[first_name] = _Loaded(first.uri, _internal(first_name, 0), _adapter_bytes(model, _internal(
             first_name, 0)))
         for name, resolved in list(fetched.items())[1:]:

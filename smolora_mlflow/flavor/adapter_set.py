@@ -45,7 +45,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec
 from mlflow.utils.environment import _CONDA_ENV_FILE_NAME, _PYTHON_ENV_FILE_NAME, _validate_env_arguments
 from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
 
-from smolora_mlflow.constants import FLAVOR_NAME
+from smolora_mlflow.constants import ADAPTER_PARAM, FLAVOR_NAME
 from smolora_mlflow.flavor import files
 from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS
 from smolora_mlflow.models import manifest
@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 MODE = "adapter_set"
 DATA = "adapter_set"
 REFS_FILE = "adapters.json"
-ADAPTER_PARAM = "adapter"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -143,7 +142,8 @@ def save_model(path: str | os.PathLike, adapters: Mapping[str, str], *, refresh_
     """Save an adapter set: ``adapters`` maps each name requests use to a smolora adapter-mode model URI.
 
     Every adapter is fetched and checked now (adapter mode, manifest, file hashes) and must record the
-    same base weights hash as the first; the base must be available locally for its generation defaults.
+    same base weights hash and the same ``prompt_format`` as the first (the set records that format, and
+    renders chat requests with it); the base must be available locally for its generation defaults.
     """
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     refs = _check_refs(adapters)
@@ -154,8 +154,14 @@ def save_model(path: str | os.PathLike, adapters: Mapping[str, str], *, refresh_
             first_name = next(iter(refs))
             first = _fetch(first_name, refs[first_name], None, os.path.join(tmp, first_name))
             base_sha = first.conf.get("base_model_sha256")
+            formats = {first_name: first.conf.get("prompt_format") or "plain"}
             for name, uri in list(refs.items())[1:]:
-                _fetch(name, uri, base_sha, os.path.join(tmp, name))
+                formats[name] = _fetch(name, uri, base_sha, os.path.join(tmp, name)).conf.get(
+                    "prompt_format") or "plain"
+        if len(set(formats.values())) > 1:
+            raise _bad(f"The adapters of a set must share one prompt format (how their training rendered "
+                       f"prompts), since the set renders every request alike; got {formats}. Put adapters "
+                       "with different formats in different sets.")
         code_subpath = _validate_and_copy_code_paths([str(_PACKAGE_DIR), *(code_paths or [])], str(path))
         data_dir = path / DATA
         data_dir.mkdir()
@@ -164,7 +170,8 @@ def save_model(path: str | os.PathLike, adapters: Mapping[str, str], *, refresh_
         defaults = files.generation_defaults(base_dir, generation_defaults, max_new_tokens_limit)
         conf = {key: first.conf.get(key) for key in ("base_model", "base_model_revision", "base_model_sha256",
                                                      "torch_version", "transformers_version", "peft_version")}
-        conf.update(mode=MODE, data=DATA, adapters=refs, refresh_seconds=float(refresh_seconds),
+        conf.update(mode=MODE, data=DATA, adapters=refs, prompt_format=formats[first_name],
+                    refresh_seconds=float(refresh_seconds),
                     generation_defaults=defaults, max_new_tokens_limit=max_new_tokens_limit,
                     max_prompt_tokens=max_prompt_tokens, context_length=files.context_length(base_dir),
                     file_sha256=files.hash_files(data_dir))

@@ -29,13 +29,13 @@ logger = logging.getLogger(__name__)
 # Set by `mlflow models serve` in the uvicorn process that loads the model.
 SCORING_SERVER_ENV = "__pyfunc_model_path__"
 
-RunBatch = Callable[[list[str], dict[str, Any]], list[str]]
+RunBatch = Callable[[list[Any], dict[str, Any]], list[str]]  # (items submitted, params) -> one text per item
 
 
 @dataclass
 class _Group:
     params: dict[str, Any]
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[Any] = field(default_factory=list)
     requests: int = 0
     closed: bool = False
     done: threading.Event = field(default_factory=threading.Event)
@@ -57,7 +57,8 @@ class RequestBatcher:
     """Merge concurrent ``submit`` calls with equal params into one ``run_batch`` call.
 
     Args:
-        run_batch: ``(prompts, params) -> completions``, called under ``self.lock``.
+        run_batch: ``(items, params) -> completions`` (items as submitted: the wrapper's prompts with
+            their adapter), called under ``self.lock``.
         window_s: the quiet gap a group's first request waits for company: it keeps waiting while
             requests keep joining, until a gap of ``window_s`` passes with none (0, with the other gaps
             0, disables the wait).
@@ -102,7 +103,7 @@ class RequestBatcher:
             return None  # seeded sampling runs alone
         return tuple(sorted((k, repr(v)) for k, v in params.items()))
 
-    def _join(self, prompts: list[str], params: dict[str, Any]) -> tuple[_Group, int, bool]:
+    def _join(self, prompts: list[Any], params: dict[str, Any]) -> tuple[_Group, int, bool]:
         key = self._key(params)
         with self._state_lock:
             self.stats.requests += 1
@@ -174,7 +175,7 @@ class RequestBatcher:
             self._close(group)
             group.done.set()
 
-    def submit(self, prompts: list[str], params: dict[str, Any]) -> list[str]:
+    def submit(self, prompts: list[Any], params: dict[str, Any]) -> list[str]:
         """Run ``prompts`` with ``params``, possibly batched with concurrent calls; results in order."""
         if not prompts:
             return []

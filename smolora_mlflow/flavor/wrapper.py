@@ -6,9 +6,11 @@ resident base, see :mod:`.adapter_set`). In an adapter set a request names its a
 batches (``adapter_names``), since the batcher groups by generation params only.
 
 What a server needs beyond ``predict``/``predict_stream``: :meth:`complete` and :meth:`open_stream` (the
-same with the adapter as an argument and a cancel event), :attr:`adapter_names`, and :attr:`observer`, an
-object the server sets to be told about requests, batches and tokens (``request(adapter)``,
-``batch(prompts, adapters, waits)``, ``tokens(adapter, n)``); see ``smolora_mlflow.serving.metrics``.
+same with the adapter as an argument and a cancel event), or :meth:`prepare` (checked and tokenized once,
+with the prompt token counts) then :meth:`complete_prepared` / :meth:`stream_prepared`; :attr:`adapter_names`;
+and :attr:`observer`, an object the server sets to be told about requests, batches and tokens
+(``request(adapter)``, ``batch(prompts, adapters, waits)``, ``tokens(adapter, n)``); see
+``smolora_mlflow.serving.metrics``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from smolora_mlflow.constants import ADAPTER_PARAM
 from smolora_mlflow.flavor.batching import SCORING_SERVER_ENV, RequestBatcher, widen_scoring_server_pool
 from smolora_mlflow.flavor.inputs import (
     OUTPUT_COLUMN,
@@ -33,12 +36,33 @@ from smolora_mlflow.flavor.inputs import (
 )
 from smolora_mlflow.models.generation import count_tokens, generate, stream
 
-ADAPTER_PARAM = "adapter"
 DEFAULT_ADAPTER = "default"  # the label of a single model's requests in metrics
 # What `model_config` (pyfunc.load_model, SERVING_MODEL_CONFIG) may set; the MLmodel declares each key, since
 # MLflow drops the keys a model does not declare.
 MODEL_CONFIG_KEYS = ("device", "dtype", "base_model_path", "batch_size", "coalesce_window_ms", "max_batch_size",
                      "max_prompts_per_request", "max_prompt_chars", "server_threads", "refresh_seconds")
+
+
+def check_adapter_type(adapter: Any) -> None:
+    """An adapter name is a string (or absent); anything else is the client's mistake, not a 500."""
+    if adapter is not None and not isinstance(adapter, str):
+        raise MlflowException.invalid_parameter_value(
+            f"`{ADAPTER_PARAM}` must be a string naming an adapter, got {adapter!r:.200}.")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request checked and tokenized once: what :meth:`complete_prepared` and :meth:`stream_prepared` run."""
+
+    adapter: str  # the public adapter name (DEFAULT_ADAPTER for a single model)
+    prompts: list[str]  # as generate sees them (chat rendered)
+    params: dict[str, Any]  # over the model's defaults, checked
+    prompt_tokens: list[int]  # tokens of each prompt
+
+    def new_text(self, i: int, text: str) -> str:
+        """``text`` generated for prompt ``i`` without the echoed prompt (``return_full_text``)."""
+        prompt = self.prompts[i]
+        return text[len(prompt):] if self.params.get("return_full_text") and text.startswith(prompt) else text
 
 
 @dataclass(frozen=True)
@@ -108,6 +132,7 @@ class _SmoloraPyfuncWrapper:
 
     def check_adapter(self, adapter: Any) -> str:
         """The public adapter name a request asked for, checked; DEFAULT_ADAPTER for a single model."""
+        check_adapter_type(adapter)
         if self.adapters is None:
             if adapter not in (None, "", DEFAULT_ADAPTER):
                 raise MlflowException.invalid_parameter_value(
@@ -132,20 +157,18 @@ class _SmoloraPyfuncWrapper:
         with self._tokenizer_lock:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
-    def _prepare(self, model_input: Any, params: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
+    def prepare(self, model_input: Any, params: dict[str, Any] | None = None, adapter: str | None = None
+                ) -> Prepared:
+        """Check a request (adapter, params, size limits before any tokenizing, token limits) and tokenize
+        each prompt once; the counts are the prompt side of a server's usage."""
+        name = self.check_adapter(adapter)
         params = validate_params(params, self.defaults, self.max_new_tokens_limit)
         with self._tokenizer_lock:
             prompts = to_prompts(model_input, self.tokenizer, self.prompt_format)
             check_request_size(prompts, self.max_prompts_per_request, self.max_prompt_chars)
             lengths = [count_tokens(self.tokenizer, p) for p in prompts]
         check_prompt_lengths(lengths, params["max_new_tokens"], self.max_prompt_tokens, self.context_length)
-        return prompts, params
-
-    def prompt_tokens(self, model_input: Any) -> int:
-        """Tokens in the prompts of ``model_input`` as generate encodes them (chat rendered first)."""
-        with self._tokenizer_lock:
-            prompts = to_prompts(model_input, self.tokenizer, self.prompt_format)
-            return sum(count_tokens(self.tokenizer, p) for p in prompts)
+        return Prepared(name, prompts, params, lengths)
 
     def resolved_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
         """``params`` over the model's defaults, checked (what a request's generate call uses)."""
@@ -161,14 +184,16 @@ class _SmoloraPyfuncWrapper:
     def complete(self, model_input: Any, params: dict[str, Any] | None = None, adapter: str | None = None
                  ) -> list[str]:
         """One completion per prompt, in order, with ``adapter`` (an adapter set's name, or None)."""
+        return self.complete_prepared(self.prepare(model_input, params, adapter))
+
+    def complete_prepared(self, prepared: Prepared) -> list[str]:
+        """:meth:`complete` of a request :meth:`prepare` checked."""
         if self._server_threads:  # first request in `mlflow models serve`
             widen_scoring_server_pool(self._server_threads)
             self._server_threads = 0
-        name = self.check_adapter(adapter)
-        prompts, params = self._prepare(model_input, params)
-        self.observer.request(name)
+        self.observer.request(prepared.adapter)
         now = time.monotonic()
-        return self._batcher.submit([_Item(p, name, now) for p in prompts], params)
+        return self._batcher.submit([_Item(p, prepared.adapter, now) for p in prepared.prompts], prepared.params)
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One ``generated_text`` row per prompt, in order; param ``adapter`` picks an adapter set's adapter."""
@@ -179,13 +204,15 @@ class _SmoloraPyfuncWrapper:
     def open_stream(self, model_input: Any, params: dict[str, Any] | None = None, adapter: str | None = None,
                     cancel: threading.Event | None = None) -> Iterator[str]:
         """Text pieces of one prompt's completion, validated before returning; ``cancel`` stops it."""
-        name = self.check_adapter(adapter)
-        prompts, params = self._prepare(model_input, params)
-        if len(prompts) != 1:
+        return self.stream_prepared(self.prepare(model_input, params, adapter), cancel)
+
+    def stream_prepared(self, prepared: Prepared, cancel: threading.Event | None = None) -> Iterator[str]:
+        """:meth:`open_stream` of a request :meth:`prepare` checked."""
+        if len(prepared.prompts) != 1:
             raise MlflowException.invalid_parameter_value(
-                f"A stream takes exactly one prompt, got {len(prompts)}; send one prompt per stream.")
-        self.observer.request(name)
-        return self._stream(prompts[0], params, name, cancel)
+                f"A stream takes exactly one prompt, got {len(prepared.prompts)}; send one prompt per stream.")
+        self.observer.request(prepared.adapter)
+        return self._stream(prepared.prompts[0], prepared.params, prepared.adapter, cancel)
 
     def _stream(self, prompt: str, params: dict[str, Any], name: str, cancel) -> Iterator[str]:
         pieces: list[str] = []

@@ -125,8 +125,15 @@ class Metrics:
                     if isinstance(value, _Histogram):
                         lines += value.lines(name, labels)
                     else:
-                        lines.append(f"{name}{_fmt(labels)} {value:g}")
+                        lines.append(f"{name}{_fmt(labels)} {_number(value)}")
         return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """A sample value as Prometheus text, exactly: ``:g`` would print 1234567 as 1.23457e+06."""
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
 
 
 class MetricsMiddleware:
@@ -141,12 +148,23 @@ class MetricsMiddleware:
             return
         path = scope.get("path") if scope.get("path") in KNOWN_PATHS else "other"
 
+        started = False
+
+        def count(status: int) -> None:
+            self.metrics.inc("smolora_http_responses_total", path=path, status=str(status))
+            if status >= 400:
+                self.metrics.inc("smolora_http_errors_total", path=path, status=str(status))
+
         async def counted(message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                status = str(message["status"])
-                self.metrics.inc("smolora_http_responses_total", path=path, status=status)
-                if message["status"] >= 400:
-                    self.metrics.inc("smolora_http_errors_total", path=path, status=status)
+                started = True
+                count(message["status"])
             await send(message)
 
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:  # not a cancellation: that is a client gone, not an answer
+            if not started:  # the server answers it with a 500
+                count(500)
+            raise

@@ -22,7 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-NEUTRAL = {"n": (1, None), "stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0),
+# `logprobs` is an integer in completions, a bool in chat.
+NEUTRAL = {"n": (1, None), "stop": (None, [], ""), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
            "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
            "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
            "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None,)}
@@ -54,6 +55,13 @@ class OpenAIRequest:
     include_usage: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """``value == neutral`` without Python's True == 1 and False == 0: a bool is never a number here."""
+    if isinstance(value, bool) or isinstance(neutral, bool) or neutral is None:
+        return value is neutral
+    return value == neutral and (type(value) is type(neutral) or {type(value), type(neutral)} <= {int, float})
 
 
 def _number(body: dict[str, Any], key: str, kind: type, low: float | None = None) -> Any:
@@ -124,17 +132,20 @@ def parse(body: Any, kind: str) -> OpenAIRequest:
     if unknown:
         raise BadRequest(f"Unsupported field(s) {unknown}; this server accepts {sorted(FIELDS[kind])}.", unknown[0])
     for key, neutral in NEUTRAL.items():
-        if key in body and body[key] not in neutral:
+        if key in body and not any(_same(body[key], n) for n in neutral):
             raise BadRequest(f"`{key}` = {body[key]!r} is not supported by this server; leave it out.", key)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest(f"`model` must be a non-empty string (the adapter to use), got {model!r}.", "model")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
+    stream = False if body.get("stream") is None else body["stream"]
+    if not isinstance(stream, bool):  # 0 or "yes" is a client bug, not a choice
         raise BadRequest(f"`stream` must be true or false, got {stream!r}.", "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise BadRequest(f"`stream_options` may only hold `include_usage`, got {options!r}.", "stream_options")
+    if not isinstance(options.get("include_usage", False), bool):
+        raise BadRequest(f"`stream_options.include_usage` must be true or false, got {options['include_usage']!r}.",
+                         "stream_options")
     model_input = _messages(body.get("messages")) if kind == "chat" else _prompts(body.get("prompt"))
     if stream and kind == "completions" and len(model_input) != 1:
         raise BadRequest(f"A streamed completion takes one prompt, got {len(model_input)}; send one per request.",

@@ -19,6 +19,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mlflow.exceptions import MlflowException
@@ -27,6 +28,11 @@ from smolora_mlflow.serving import openai_api
 from smolora_mlflow.serving.metrics import CONTENT_TYPE, Metrics
 
 _END = object()
+# Streams wait for the generation lock in these threads, not in the loop's default pool, which serves
+# MLflow's /invocations and the routes' own work (prepare, complete): queued streams never starve them.
+# Sized like the wrapper's default max_batch_size; a stream beyond that waits for a thread.
+STREAM_THREADS = 32
+_STREAMS = ThreadPoolExecutor(max_workers=STREAM_THREADS, thread_name_prefix="smolora-stream")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 
@@ -104,15 +110,17 @@ class Routes:
         req = openai_api.parse(await _read_json(receive), "chat" if path.endswith("chat/completions") else
                                "completions")
         adapter = self._adapter_for(req.model)
-        max_new = self.wrapper.resolved_params(req.params)["max_new_tokens"]
-        prompt_tokens = await asyncio.to_thread(self.wrapper.prompt_tokens, req.model_input)
+        # Checked (size limits first) and tokenized once: the prompt side of usage comes from here.
+        prepared = await asyncio.to_thread(self.wrapper.prepare, req.model_input, req.params, adapter)
+        max_new, prompt_tokens = prepared.params["max_new_tokens"], sum(prepared.prompt_tokens)
         if not req.stream:
-            texts = await asyncio.to_thread(self.wrapper.complete, req.model_input, req.params, adapter)
-            tokens = [self.wrapper.count_new_tokens(t) for t in texts]
+            texts = await asyncio.to_thread(self.wrapper.complete_prepared, prepared)
+            # `echo` returns the prompt too: completion tokens (usage, finish_reason) count only what is new
+            tokens = [self.wrapper.count_new_tokens(prepared.new_text(i, t)) for i, t in enumerate(texts)]
             await _send_json(send, 200, openai_api.response(req, texts, tokens, prompt_tokens, max_new))
             return
         cancel = threading.Event()
-        pieces = self.wrapper.open_stream(req.model_input, req.params, adapter, cancel)
+        pieces = self.wrapper.stream_prepared(prepared, cancel)
         text: list[str] = []
         first = [True]
 
@@ -123,13 +131,13 @@ class Routes:
             return out
 
         def tail() -> list[bytes]:
-            n = self.wrapper.count_new_tokens("".join(text))
+            n = self.wrapper.count_new_tokens(prepared.new_text(0, "".join(text)))
             events = [_sse(openai_api.chunk(req, None, openai_api._finish(n, max_new), first=first[0]))]
             if req.include_usage:
                 events.append(_sse(openai_api.chunk(req, None, usage=openai_api._usage(prompt_tokens, n))))
             return [*events, _sse("[DONE]")]
 
-        await self._pump(receive, send, pieces, cancel, encode, tail, self.wrapper.check_adapter(adapter))
+        await self._pump(receive, send, pieces, cancel, encode, tail, prepared.adapter)
 
     # ------------------------------------------------------------------------------------------------
     # /stream
@@ -154,14 +162,16 @@ class Routes:
             raise openai_api.BadRequest(f"`prompt` must be a string or a list of chat messages, got "
                                         f"{model_input!r:.200}.", "prompt")
         cancel = threading.Event()
-        pieces = self.wrapper.open_stream(model_input, params, adapter, cancel)
+        prepared = await asyncio.to_thread(self.wrapper.prepare, model_input, params, adapter)
+        pieces = self.wrapper.stream_prepared(prepared, cancel)
         await self._pump(receive, send, pieces, cancel, lambda p: _sse({"text": p}), lambda: [_sse("[DONE]")],
-                         self.wrapper.check_adapter(adapter))
+                         prepared.adapter)
 
     async def _pump(self, receive, send, pieces: Iterator[str], cancel: threading.Event, encode, tail,
                     adapter: str) -> None:
         """Send each piece as it comes; stop generating when the client disconnects."""
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
         gone = asyncio.Event()
 
         async def watch() -> None:
@@ -173,10 +183,10 @@ class Routes:
         watcher = asyncio.ensure_future(watch())
         self.metrics.inc("smolora_streams_active")
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        first = True
+        first, finished = True, False
         try:
             while not gone.is_set():
-                piece = await asyncio.to_thread(next, pieces, _END)
+                piece = await loop.run_in_executor(_STREAMS, next, pieces, _END)
                 if piece is _END or gone.is_set():
                     break
                 if first:
@@ -186,6 +196,7 @@ class Routes:
                 await send({"type": "http.response.body", "body": encode(piece), "more_body": True})
             if not gone.is_set():
                 await send({"type": "http.response.body", "body": b"".join(tail()), "more_body": False})
+                finished = True  # uvicorn's receive() answers http.disconnect once a response is complete
         except OSError:  # ASGI 2.4 servers raise on send once the client is gone
             gone.set()
         except Exception as e:  # the response has started: report in the stream, never silently
@@ -194,8 +205,8 @@ class Routes:
                         "more_body": False})
         finally:
             cancel.set()
-            await asyncio.to_thread(pieces.close)
+            await loop.run_in_executor(_STREAMS, pieces.close)
             watcher.cancel()
             self.metrics.inc("smolora_streams_active", -1)
-            if gone.is_set():
+            if gone.is_set() and not finished:
                 self.metrics.inc("smolora_streams_cancelled_total", adapter=adapter)
