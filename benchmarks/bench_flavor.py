@@ -135,24 +135,29 @@ def _free_port() -> int:
 
 
 def _start_server(model_path: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
-    import requests
-
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_path), "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port)]
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    return proc, _wait_for_ping(proc, port, "mlflow models serve")
+
+
+def _wait_for_ping(proc: subprocess.Popen, port: int, what: str) -> str:
+    """The server's URL once ``/ping`` answers 200 (5 minutes at most); stops it and raises otherwise."""
+    import requests
+
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return proc, url
+                return url
         except requests.ConnectionError:
             time.sleep(0.5)
     _stop(proc)
-    raise RuntimeError("mlflow models serve did not come up")
+    raise RuntimeError(f"{what} did not come up")
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_flavor import PROMPTS, _free_port, _stop  # noqa: E402
+from bench_flavor import PROMPTS, _free_port, _stop, _wait_for_ping  # noqa: E402
 
 PIP = ["torch", "transformers", "safetensors", "peft"]
 
@@ -127,22 +127,12 @@ def bench_mixed(base_dir: Path, reps: int, max_new: int, n: int) -> None:
 def start(model_uri: str, workdir: Path, env: dict[str, str]):
     import subprocess
 
-    import requests
 
     port = _free_port()
     cmd = [sys.executable, "-m", "smolora_mlflow", "serve", model_uri, "-p", str(port)]
     proc = subprocess.Popen(cmd, cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return proc, url
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    _stop(proc)
-    raise RuntimeError(f"smolora serve {model_uri} did not come up")
+    return proc, _wait_for_ping(proc, port, f"smolora serve {model_uri}")
 
 
 def rss_bytes(pgid: int) -> int:
