@@ -148,8 +148,9 @@ class _SmoloraPyfuncWrapper:
         self.observer.batch(len(items), [i.adapter for i in items], [started - i.submitted for i in items])
         texts = generate(self.model, self.tokenizer, prompts, batch_size=self.batch_size, adapter_names=names,
                          **params)
-        for item, text in zip(items, texts, strict=True):
-            self.observer.tokens(item.adapter, self.count_new_tokens(text))
+        if not isinstance(self.observer, _NoObserver):  # counting re-tokenizes every output: only for metrics
+            for item, text in zip(items, texts, strict=True):
+                self.observer.tokens(item.adapter, self.count_new_tokens(text))
         return texts
 
     def count_new_tokens(self, text: str) -> int:
@@ -169,10 +170,6 @@ class _SmoloraPyfuncWrapper:
             lengths = [count_tokens(self.tokenizer, p) for p in prompts]
         check_prompt_lengths(lengths, params["max_new_tokens"], self.max_prompt_tokens, self.context_length)
         return Prepared(name, prompts, params, lengths)
-
-    def resolved_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
-        """``params`` over the model's defaults, checked (what a request's generate call uses)."""
-        return validate_params(params, self.defaults, self.max_new_tokens_limit)
 
     @staticmethod
     def _split(params: dict[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
@@ -226,7 +223,8 @@ class _SmoloraPyfuncWrapper:
         finally:
             text = "".join(pieces)
             new = text[len(prompt):] if params["return_full_text"] else text
-            self.observer.tokens(name, self.count_new_tokens(new))
+            if not isinstance(self.observer, _NoObserver):
+                self.observer.tokens(name, self.count_new_tokens(new))
 
     def predict_stream(self, model_input: Any, params: dict[str, Any] | None = None) -> Iterator[str]:
         """Text pieces of one prompt's completion; validated before the first piece is asked for."""
