@@ -122,6 +122,12 @@ def read_mlmodel(model_root: str | Path) -> dict[str, Any]:
 
 def download_checked(uri: str, dst_path: str | None = None) -> str:
     """Download a model URI (pinned by :func:`resolve`) and check a smolora manifest against the record."""
+    return fetch_checked(uri, dst_path)[0]
+
+
+def fetch_checked(uri: str, dst_path: str | None = None) -> tuple[str, dict[str, Any] | None, Expected]:
+    """:func:`download_checked`, also returning the ``smolora`` flavor block (None for another flavor) and
+    what was expected of it."""
     from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
     expected = resolve(uri)
@@ -129,7 +135,7 @@ def download_checked(uri: str, dst_path: str | None = None) -> str:
     conf = (read_mlmodel(local).get("flavors") or {}).get("smolora")
     if conf:
         check(conf, expected)
-    return local
+    return local, conf, expected
 
 
 class Expected(NamedTuple):

@@ -46,15 +46,11 @@ def server_environment(model_uri: str, timeout: int | None = None) -> dict[str, 
     """Download and check the model; the environment of the uvicorn process that serves it."""
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
     from mlflow.pyfunc import scoring_server
-    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
     from smolora_mlflow.models import manifest
 
-    expected = manifest.resolve(model_uri)
-    local = os.path.abspath(_download_artifact_from_uri(expected.uri))
-    conf = (manifest.read_mlmodel(local).get("flavors") or {}).get("smolora")
-    if conf:
-        manifest.check(conf, expected)
+    local, conf, expected = manifest.fetch_checked(model_uri)
+    local = os.path.abspath(local)
     env = dict(os.environ)
     env[scoring_server._SERVER_MODEL_PATH] = local
     env[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(timeout or MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
