@@ -17,7 +17,6 @@ import os
 from mlflow.pyfunc import scoring_server
 
 from smolora_mlflow.constants import ENV_SERVED_MODEL_NAME
-from smolora_mlflow.models import manifest
 from smolora_mlflow.serving.guard import RequestGuard
 from smolora_mlflow.serving.metrics import Metrics, MetricsMiddleware
 from smolora_mlflow.serving.routes import Routes
@@ -26,9 +25,7 @@ GUARDED_PATHS = ("/invocations", "/stream", "/v1/completions", "/v1/chat/complet
 
 
 def build_app(model_path: str):
-    conf = (manifest.read_mlmodel(model_path).get("flavors") or {}).get("smolora")
-    if conf:
-        manifest.check_environment(conf)
+    # The flavor's loader checks the files against the digest `smolora serve` looked up (SMOLORA_MANIFEST_SHA256).
     model = scoring_server.load_model_with_mlflow_config(model_path)
     mlflow_app = scoring_server.init(model)
     wrapper = getattr(model, "_model_impl", None)
