@@ -196,7 +196,7 @@ def bench_sizes(model_dir: Path, root: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from smolora_mlflow import flavor
-    from smolora_mlflow.models.io import quiet_upstream_deprecations
+    from smolora_mlflow.models.pretrained import quiet_upstream_deprecations
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir)

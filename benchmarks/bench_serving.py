@@ -71,7 +71,7 @@ def make_adapters(base_dir: Path, root: Path, n: int) -> list[Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from smolora_mlflow.models.io import quiet_upstream_deprecations
+    from smolora_mlflow.models.pretrained import quiet_upstream_deprecations
 
     out = []
     for i in range(n):

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import TrainerCallback
 
 from smolora_mlflow import SmoLoRA, SmoloraConfig, tracking
-from smolora_mlflow.models import io as modelio
+from smolora_mlflow.models import pretrained
 from smolora_mlflow.tracking import callback as tracking_callback
 from smolora_mlflow.train import get_sft_config
 
@@ -92,7 +92,7 @@ class Timed(SmoLoRA):
         args = get_sft_config(self.config, device=self.device.type, dtype=self.dtype,
                               has_eval=data.eval is not None, output_dir=str(self.output_dir))
         args.report_to = ["mlflow"]
-        with modelio.quiet_upstream_deprecations():
+        with pretrained.quiet_upstream_deprecations():
             trainer = self._make_sft_trainer(model, args, data, tokenizer, [])
         trainer.remove_callback(PrinterCallback)  # (a) and (c) drop it too: no dict printed per step
         assert any(isinstance(cb, MLflowCallback) for cb in trainer.callback_handler.callbacks)

@@ -17,7 +17,7 @@ from smolora_mlflow.config import DEMO_DATASET, DEMO_MODEL, SmoloraConfig
 __version__ = "0.1.0"
 
 _LAZY = {
-    "SmoLoRA": "smolora_mlflow.train",
+    "SmoLoRA": "smolora_mlflow.train.smolora",
 }
 
 __all__ = ["DEMO_DATASET", "DEMO_MODEL", "SmoLoRA", "SmoloraConfig", "__version__"]

@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from smolora_mlflow import constants as C
+from smolora_mlflow.errors import invalid_input
 
 KEY_PARAMS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate", "max_steps",
               "num_train_epochs", "effective_batch_size", "max_length", "seed", "base_model", "dataset")
@@ -57,7 +58,7 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
 
 def _no_metric(runs: list[Run], key: str, who: str) -> MlflowException:
     known = {k for r in runs for k in r.data.metrics}
-    return MlflowException.invalid_parameter_value(f"{who} logged metric {key!r}.{_suggest(key, known)}")
+    return invalid_input(f"{who} logged metric {key!r}.{_suggest(key, known)}")
 
 
 def _experiment_ids(client: MlflowClient, experiment: str | Sequence[str]) -> list[str]:
@@ -84,7 +85,7 @@ def _open(run_ids: str | Iterable[str], client: MlflowClient | None,
     client = client or MlflowClient(tracking_uri=tracking_uri)
     ids = list(dict.fromkeys([run_ids] if isinstance(run_ids, str) else run_ids))
     if not ids:
-        raise MlflowException.invalid_parameter_value("`run_ids` is empty; pass one or more MLflow run ids.")
+        raise invalid_input("`run_ids` is empty; pass one or more MLflow run ids.")
     runs, unknown = [], []
     for rid in ids:
         try:
@@ -297,7 +298,7 @@ def generations(run_ids: str | Iterable[str], step: int | None = None, *, client
         chosen = int(table["step"].max()) if step is None else int(step)
         part = table[table["step"] == chosen]
         if part.empty:
-            raise MlflowException.invalid_parameter_value(
+            raise invalid_input(
                 f"Run {run.info.run_id} ({run.info.run_name}) has no generations at step {step}; it has steps "
                 f"{sorted(set(table['step'].tolist()))}. Pass one of those, or step=None for the last.")
         label = labels[run.info.run_id]

@@ -24,7 +24,7 @@ def _make_adapter(out: Path, base_dir, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from smolora_mlflow.models.io import quiet_upstream_deprecations
+    from smolora_mlflow.models.pretrained import quiet_upstream_deprecations
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)

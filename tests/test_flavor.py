@@ -51,7 +51,7 @@ def lora_dirs(tmp_path_factory, demo_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smolora_mlflow.models.io import quiet_upstream_deprecations
+    from smolora_mlflow.models.pretrained import quiet_upstream_deprecations
 
     root = tmp_path_factory.mktemp("lora")
     torch.manual_seed(0)

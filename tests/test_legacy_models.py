@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 
 from smolora_mlflow.models.generation import generate
-from smolora_mlflow.models.io import load_causal_lm, load_tokenizer
+from smolora_mlflow.models.pretrained import load_causal_lm, load_tokenizer
 
 LEGACY = Path(__file__).parent / "fixtures" / "model_logged_by_0.1.0_flat_layout"
 PROMPTS = ["The food was", "Our waiter"]

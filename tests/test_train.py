@@ -195,7 +195,7 @@ def test_not_a_causal_lm_is_refused(tmp_path):
     bert = tmp_path / "bert"
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
                          vocab_size=100)).save_pretrained(bert)
-    from smolora_mlflow.models.io import load_causal_lm
+    from smolora_mlflow.models.pretrained import load_causal_lm
 
     with pytest.raises(ValueError, match="not a causal language model"):
         load_causal_lm(str(bert))

@@ -112,7 +112,7 @@ def load_for_inference(ref: str | os.PathLike, *, device: str = "auto") -> Loade
     if parsed.is_mlflow:
         return _load_mlflow_model(parsed.text, device)
     if parsed.text == DEMO_MODEL:
-        from smolora_mlflow.models.io import resolve_model_path
+        from smolora_mlflow.models.pretrained import resolve_model_path
 
         return _load_hf(resolve_model_path(parsed.text), device, source=parsed.text)
     path = Path(parsed.text).expanduser()
@@ -136,26 +136,25 @@ def _load_mlflow_model(uri: str, device: str) -> LoadedModel:
 
 
 def _load_hf(path: str, device: str, *, source: str) -> LoadedModel:
-    from smolora_mlflow.models import io as modelio
+    from smolora_mlflow.models import pretrained
     from smolora_mlflow.models.generation import resolve_device
 
     dev = resolve_device(device)
-    tokenizer = modelio.load_tokenizer(path)
-    model = modelio.load_causal_lm(path, dtype=modelio.resolve_dtype("auto", dev.type), device=dev)
+    tokenizer = pretrained.load_tokenizer(path)
+    model = pretrained.load_causal_lm(path, dtype=pretrained.resolve_dtype("auto", dev.type), device=dev)
     return LoadedModel(model.eval(), tokenizer, source)
 
 
 def _load_adapter(adapter_dir: Path, base_model: str | None, device: str, source: str | None = None,
                   prompt_format: str | None = None) -> LoadedModel:
     """The adapter merged into its base; the prompt format as recorded, else as training's `auto` chose it."""
-    from smolora_mlflow.models import adapters
-    from smolora_mlflow.models import io as modelio
+    from smolora_mlflow.models import adapters, pretrained
     from smolora_mlflow.models.generation import resolve_device, resolve_prompt_format
 
-    path = modelio.resolve_model_path(base_model or adapters.recorded_base(adapter_dir))
+    path = pretrained.resolve_model_path(base_model or adapters.recorded_base(adapter_dir))
     dev = resolve_device(device)
-    tokenizer = modelio.load_tokenizer(path)
-    model = modelio.load_causal_lm(path, dtype=modelio.resolve_dtype("auto", dev.type))
+    tokenizer = pretrained.load_tokenizer(path)
+    model = pretrained.load_causal_lm(path, dtype=pretrained.resolve_dtype("auto", dev.type))
     adapters.check_adapter_matches_base(adapter_dir, path, model)
     model = adapters.apply_adapter(model, adapter_dir, merge=True)
     fmt = prompt_format or resolve_prompt_format("auto", tokenizer, base_model or adapters.recorded_base(adapter_dir))

@@ -20,10 +20,11 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_STATE
 
+from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor import files
 from smolora_mlflow.flavor.adapter_set import REFS_FILE, _fetch, _Resolved
 from smolora_mlflow.models import manifest
-from smolora_mlflow.models.io import quiet_upstream_deprecations
+from smolora_mlflow.models.pretrained import quiet_upstream_deprecations
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +72,14 @@ class AdapterPool:
 
     def check_name(self, adapter: Any) -> str:
         if adapter is not None and not isinstance(adapter, str):
-            raise MlflowException.invalid_parameter_value(
+            raise invalid_input(
                 f"`adapter` must be a string naming an adapter, one of {self.names()}, got {adapter!r:.200}.")
         if adapter in (None, ""):
-            raise MlflowException.invalid_parameter_value(
+            raise invalid_input(
                 f"This is an adapter set: name the adapter with param `adapter` (or `model` in the OpenAI API), "
                 f"one of {self.names()}.")
         if adapter not in self.refs:
-            raise MlflowException.invalid_parameter_value(
+            raise invalid_input(
                 f"`adapter` is {adapter!r}, which this adapter set does not serve; use one of {self.names()}.")
         return adapter
 

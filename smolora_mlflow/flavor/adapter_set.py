@@ -46,6 +46,7 @@ from mlflow.utils.environment import _CONDA_ENV_FILE_NAME, _PYTHON_ENV_FILE_NAME
 from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
 
 from smolora_mlflow.constants import ADAPTER_PARAM, FLAVOR_NAME
+from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor import files
 from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS
 from smolora_mlflow.models import manifest
@@ -59,19 +60,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
-def _bad(message: str) -> MlflowException:
-    return MlflowException.invalid_parameter_value(message)
-
 
 def _check_refs(adapters: Any) -> dict[str, str]:
     if not isinstance(adapters, Mapping) or not adapters:
-        raise _bad(f"`adapters` must be a non-empty dict of name -> model URI, got {adapters!r}.")
+        raise invalid_input(f"`adapters` must be a non-empty dict of name -> model URI, got {adapters!r}.")
     for name, uri in adapters.items():
         if not isinstance(name, str) or not _NAME.match(name):
-            raise _bad(f"Adapter name {name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a "
+            raise invalid_input(f"Adapter name {name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a "
                        "letter or digit.")
         if not isinstance(uri, str) or not uri:
-            raise _bad(f"The model URI of adapter `{name}` must be a non-empty string, got {uri!r}.")
+            raise invalid_input(f"The model URI of adapter `{name}` must be a non-empty string, got {uri!r}.")
     return {str(k): str(v) for k, v in adapters.items()}
 
 
@@ -103,7 +101,7 @@ def _fetch(name: str, uri: str, base_sha256: str | None, dst: str | None = None,
     conf = files.read_flavor_conf(local)
     manifest.check(conf, expected)
     if conf.get("mode") != "adapter":
-        raise _bad(f"Adapter `{name}` ({uri}) is a smolora model in `{conf.get('mode')}` mode; an adapter set "
+        raise invalid_input(f"Adapter `{name}` ({uri}) is a smolora model in `{conf.get('mode')}` mode; an adapter set "
                    "takes only models logged with mode='adapter'.")
     if base_sha256 and conf.get("base_model_sha256") != base_sha256:
         raise MlflowException(
@@ -159,7 +157,7 @@ def save_model(path: str | os.PathLike, adapters: Mapping[str, str], *, refresh_
                 formats[name] = _fetch(name, uri, base_sha, os.path.join(tmp, name)).conf.get(
                     "prompt_format") or "plain"
         if len(set(formats.values())) > 1:
-            raise _bad(f"The adapters of a set must share one prompt format (how their training rendered "
+            raise invalid_input(f"The adapters of a set must share one prompt format (how their training rendered "
                        f"prompts), since the set renders every request alike; got {formats}. Put adapters "
                        "with different formats in different sets.")
         code_subpath = _validate_and_copy_code_paths([str(_PACKAGE_DIR), *(code_paths or [])], str(path))

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlflow.exceptions import MlflowException
+from smolora_mlflow.errors import invalid_input
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def log_to_stderr_if_asked() -> None:
     if not level:
         return
     if level not in _LOG_LEVELS:
-        raise MlflowException.invalid_parameter_value(
+        raise invalid_input(
             f"SMOLORA_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {level!r}; fix or unset it.")
     package_logger = logging.getLogger("smolora_mlflow")
     if not any(getattr(h, "smolora_stderr", False) for h in package_logger.handlers):

@@ -35,6 +35,7 @@ from mlflow.utils.file_utils import write_to
 
 from smolora_mlflow.config import DEMO_MODEL
 from smolora_mlflow.constants import FLAVOR_NAME
+from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor.inputs import OUTPUT_COLUMN, PARAM_TYPES, PROMPT_COLUMN, validate_params
 from smolora_mlflow.models import verified
 from smolora_mlflow.models.generation import GENERATION_DEFAULTS
@@ -109,7 +110,7 @@ def verify_files(data_dir: Path, expected: Mapping[str, str]) -> None:
 def _refuse_pickle(files: list[Path]) -> None:
     bad = [f.name for f in files if f.suffix in PICKLE_SUFFIXES and f.name not in TRAINER_STATE_FILES]
     if bad:
-        raise MlflowException.invalid_parameter_value(
+        raise invalid_input(
             f"Pickle-based files {bad} cannot be saved in a smolora model: loading them runs arbitrary "
             "code. Save the weights as safetensors (`model.save_pretrained(dir)`) and pass that folder."
         )
@@ -119,15 +120,15 @@ def check_merged_dir(model_dir: str | Path) -> list[Path]:
     """The files of a ``save_pretrained`` folder, after refusing pickles and checking it is complete."""
     src = Path(model_dir)
     if not src.is_dir():
-        raise MlflowException.invalid_parameter_value(f"`model_dir` `{src}` is not a directory.")
+        raise invalid_input(f"`model_dir` `{src}` is not a directory.")
     files = [f for f in sorted(src.iterdir()) if f.is_file() and not f.name.startswith(".")]
     _refuse_pickle(files)
     if not any(f.suffix == ".safetensors" for f in files):
-        raise MlflowException.invalid_parameter_value(
+        raise invalid_input(
             f"`model_dir` `{src}` holds no *.safetensors weights; save the model with `save_pretrained`."
         )
     if not (src / "config.json").is_file():
-        raise MlflowException.invalid_parameter_value(f"`model_dir` `{src}` has no config.json.")
+        raise invalid_input(f"`model_dir` `{src}` has no config.json.")
     return files
 
 
@@ -147,7 +148,7 @@ def check_adapter_dir(adapter_dir: str | Path) -> None:
         _refuse_pickle([src / "adapter_model.bin"])
     missing = [name for name in ADAPTER_FILES if not (src / name).is_file()]
     if missing:
-        raise MlflowException.invalid_parameter_value(
+        raise invalid_input(
             f"`adapter_dir` `{src}` lacks {missing}; pass a folder written by PEFT's `save_pretrained`."
         )
 
@@ -239,7 +240,7 @@ def check_save_args(mode, model_dir, model, tokenizer, adapter_dir, limit, max_p
     if max_prompt_tokens is not None and not (isinstance(max_prompt_tokens, int) and max_prompt_tokens >= 1):
         problems.append(f"`max_prompt_tokens` must be an integer >= 1 or None, got {max_prompt_tokens!r}.")
     if problems:
-        raise MlflowException.invalid_parameter_value(" ".join(problems))
+        raise invalid_input(" ".join(problems))
 
 
 def write_model_data(path: Path, mode: str, model_dir, model, tokenizer, adapter_dir) -> Path:
@@ -273,7 +274,7 @@ def provenance(mode: str, data_dir: Path, base_model, revision, base_sha, lora_c
     adapter_cfg = read_json(data_dir / "adapter_config.json") if mode == "adapter" else {}
     base_model = base_model or adapter_cfg.get("base_model_name_or_path")
     if mode == "adapter" and not base_model:
-        raise MlflowException.invalid_parameter_value(
+        raise invalid_input(
             "adapter mode needs `base_model` (a hub id or local folder); the adapter config names none."
         )
     local = local_base_dir(base_model)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 
+from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.models.generation import GENERATION_DEFAULTS, GENERATION_PARAMS, format_chat
 
 PROMPT_COLUMN = "prompt"
@@ -27,9 +27,6 @@ OUTPUT_COLUMN = "generated_text"
 PARAM_TYPES: dict[str, type] = {name: tp for name, (tp, _) in GENERATION_PARAMS.items()}
 _TYPE_TEXT = {int: "an integer", float: "a number", bool: "true or false"}
 
-
-def _invalid(message: str) -> MlflowException:
-    return MlflowException.invalid_parameter_value(message)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,7 +74,7 @@ def validate_params(
     if params is None:
         params = {}
     if not isinstance(params, Mapping):
-        raise _invalid(f"`params` must be a dict of generation parameters, got {type(params).__name__}.")
+        raise invalid_input(f"`params` must be a dict of generation parameters, got {type(params).__name__}.")
     problems = []
     unknown = sorted(str(k) for k in params if k not in PARAM_TYPES)
     if unknown:
@@ -91,7 +88,7 @@ def validate_params(
             problems.append(f"`{key}` must be {_TYPE_TEXT[tp]}, got {merged[key]!r}.")
     problems += _range_problems(typed, max_new_tokens_limit)
     if problems:
-        raise _invalid("Invalid generation parameters: " + " ".join(problems))
+        raise invalid_input("Invalid generation parameters: " + " ".join(problems))
     return typed
 
 
@@ -111,7 +108,7 @@ def _chat(tokenizer, messages: Any, where: str) -> str:
     try:
         return format_chat(tokenizer, [dict(m) for m in messages])
     except ValueError as e:
-        raise _invalid(f"{where}: {e}") from e
+        raise invalid_input(f"{where}: {e}") from e
 
 
 def _is_missing(x: Any) -> bool:
@@ -121,7 +118,7 @@ def _is_missing(x: Any) -> bool:
 def _cell_prompts(cell: Any, tokenizer, where: str, chat: bool = False) -> list[str]:
     if isinstance(cell, str):
         if not cell.strip():
-            raise _invalid(f"{where} is an empty string; every prompt must contain text.")
+            raise invalid_input(f"{where} is an empty string; every prompt must contain text.")
         # A model trained on chat-rendered prompts gets plain prompts as a user turn, as in training.
         return [_chat(tokenizer, [{"role": "user", "content": cell.strip()}], where)] if chat else [cell]
     if _is_conversation(cell):
@@ -130,12 +127,12 @@ def _cell_prompts(cell: Any, tokenizer, where: str, chat: bool = False) -> list[
         out: list[str] = []
         for j, item in enumerate(cell):
             if not isinstance(item, str):
-                raise _invalid(f"{where}[{j}] must be a string, got {type(item).__name__} {item!r}.")
+                raise invalid_input(f"{where}[{j}] must be a string, got {type(item).__name__} {item!r}.")
             out += _cell_prompts(item, tokenizer, f"{where}[{j}]", chat)
         return out
     if _is_missing(cell):
-        raise _invalid(f"{where} is missing (null); every prompt must be a non-empty string.")
-    raise _invalid(
+        raise invalid_input(f"{where} is missing (null); every prompt must be a non-empty string.")
+    raise invalid_input(
         f"{where} must be a string or a list of chat messages, got {type(cell).__name__} {cell!r}."
     )
 
@@ -144,7 +141,7 @@ def _frame_prompts(df: pd.DataFrame, tokenizer, chat: bool = False) -> list[str]
     if PROMPT_COLUMN not in df.columns:
         if {"role", "content"} <= set(df.columns):  # a message list that was turned into a frame
             return [_chat(tokenizer, df.to_dict(orient="records"), "messages")]
-        raise _invalid(
+        raise invalid_input(
             f"The input has no `{PROMPT_COLUMN}` column; it has columns {[str(c) for c in df.columns]}. "
             f"Send a `{PROMPT_COLUMN}` column of strings."
         )
@@ -176,19 +173,19 @@ def to_prompts(model_input: Any, tokenizer, prompt_format: str = "plain") -> lis
         elif "messages" in x:
             prompts = _cell_prompts(_unwrap(x["messages"]), tokenizer, "`messages`")
         else:
-            raise _invalid(
+            raise invalid_input(
                 f"The input has no `{PROMPT_COLUMN}` key; it has keys {[str(k) for k in x]}. "
                 f"Send {{'{PROMPT_COLUMN}': [...]}}."
             )
     elif isinstance(x, (list, tuple)):
         prompts = _list_prompts(list(x), tokenizer, chat)
     else:
-        raise _invalid(
+        raise invalid_input(
             f"Unsupported input type {type(model_input).__name__}; send a DataFrame with a "
             f"`{PROMPT_COLUMN}` column, a string, a list of strings or a list of chat messages."
         )
     if not prompts:
-        raise _invalid("The input holds no prompts; send at least one.")
+        raise invalid_input("The input holds no prompts; send at least one.")
     return prompts
 
 
@@ -198,7 +195,7 @@ def _unwrap(value: Any) -> Any:
 
 def _list_prompts(items: list[Any], tokenizer, chat: bool = False) -> list[str]:
     if not items:
-        raise _invalid("The input holds no prompts; send at least one.")
+        raise invalid_input("The input holds no prompts; send at least one.")
     if _is_conversation(items):
         return [_chat(tokenizer, items, "messages")]
     if all(isinstance(r, Mapping) for r in items):  # records
@@ -212,11 +209,11 @@ def _list_prompts(items: list[Any], tokenizer, chat: bool = False) -> list[str]:
 def check_request_size(prompts: list[str], max_prompts: int, max_chars: int) -> None:
     """One request must not be able to exhaust memory or hold the model for minutes."""
     if len(prompts) > max_prompts:
-        raise _invalid(f"The request holds {len(prompts)} prompts, more than max_prompts_per_request "
+        raise invalid_input(f"The request holds {len(prompts)} prompts, more than max_prompts_per_request "
                        f"({max_prompts}); split it into smaller requests.")
     for i, p in enumerate(prompts):
         if len(p) > max_chars:
-            raise _invalid(f"Prompt {i} has {len(p):,} characters, more than max_prompt_chars ({max_chars:,}); "
+            raise invalid_input(f"Prompt {i} has {len(p):,} characters, more than max_prompt_chars ({max_chars:,}); "
                            "shorten it.")
 
 
@@ -225,8 +222,8 @@ def check_prompt_lengths(lengths: list[int], max_new_tokens: int, max_prompt_tok
     """Each prompt's token count against the model's prompt limit and its context (with the new tokens)."""
     for i, n in enumerate(lengths):
         if max_prompt_tokens and n > max_prompt_tokens:
-            raise _invalid(f"Prompt {i} has {n} tokens, more than this model's max_prompt_tokens "
+            raise invalid_input(f"Prompt {i} has {n} tokens, more than this model's max_prompt_tokens "
                            f"({max_prompt_tokens}); shorten it.")
         if context_length and n + max_new_tokens > context_length:
-            raise _invalid(f"Prompt {i} has {n} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+            raise invalid_input(f"Prompt {i} has {n} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
                            f"model's context of {context_length} tokens. Shorten the prompt or lower max_new_tokens.")

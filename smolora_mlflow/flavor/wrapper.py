@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from mlflow.exceptions import MlflowException
 
 from smolora_mlflow.constants import ADAPTER_PARAM
+from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor.batching import SCORING_SERVER_ENV, RequestBatcher, widen_scoring_server_pool
 from smolora_mlflow.flavor.inputs import (
     OUTPUT_COLUMN,
@@ -46,7 +46,7 @@ MODEL_CONFIG_KEYS = ("device", "dtype", "base_model_path", "batch_size", "coales
 def check_adapter_type(adapter: Any) -> None:
     """An adapter name is a string (or absent); anything else is the client's mistake, not a 500."""
     if adapter is not None and not isinstance(adapter, str):
-        raise MlflowException.invalid_parameter_value(
+        raise invalid_input(
             f"`{ADAPTER_PARAM}` must be a string naming an adapter, got {adapter!r:.200}.")
 
 
@@ -135,7 +135,7 @@ class _SmoloraPyfuncWrapper:
         check_adapter_type(adapter)
         if self.adapters is None:
             if adapter not in (None, "", DEFAULT_ADAPTER):
-                raise MlflowException.invalid_parameter_value(
+                raise invalid_input(
                     f"`{ADAPTER_PARAM}` is {adapter!r}, but this model is a single model, not an adapter set; "
                     f"leave `{ADAPTER_PARAM}` out.")
             return DEFAULT_ADAPTER
@@ -206,7 +206,7 @@ class _SmoloraPyfuncWrapper:
     def stream_prepared(self, prepared: Prepared, cancel: threading.Event | None = None) -> Iterator[str]:
         """:meth:`open_stream` of a request :meth:`prepare` checked."""
         if len(prepared.prompts) != 1:
-            raise MlflowException.invalid_parameter_value(
+            raise invalid_input(
                 f"A stream takes exactly one prompt, got {len(prepared.prompts)}; send one prompt per stream.")
         self.observer.request(prepared.adapter)
         return self._stream(prepared.prompts[0], prepared.params, prepared.adapter, cancel)

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from smolora_mlflow.models.io import quiet_upstream_deprecations
+from smolora_mlflow.models.pretrained import quiet_upstream_deprecations
 from smolora_mlflow.models.verified import weights_sha256
 
 BASE_INFO_FILE = "smolora_base.json"

@@ -27,6 +27,7 @@ from smolora_mlflow.constants import (
     TAG_RUN_ID,
     TRANSITION_TAG_PREFIX,
 )
+from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.refs import ModelRef
 
 _logger = logging.getLogger(__name__)
@@ -45,9 +46,6 @@ LINEAGE_TAGS = (C.TAG_BASE_MODEL, C.TAG_BASE_MODEL_REVISION, C.TAG_BASE_MODEL_SH
                 C.TAG_DATASET_FINGERPRINT, C.TAG_GIT_COMMIT)
 
 
-def bad(msg: str) -> MlflowException:
-    return MlflowException.invalid_parameter_value(msg)
-
 
 def missing(msg: str) -> MlflowException:
     return MlflowException(msg, error_code=RESOURCE_DOES_NOT_EXIST)
@@ -61,7 +59,7 @@ def canonical_stage(stage: str | None) -> str:
     by_lower = {s.lower(): s for s in STAGES}
     if stage is None or (isinstance(stage, str) and stage.lower() in by_lower):
         return "None" if stage is None else by_lower[stage.lower()]
-    raise bad(f"Unknown stage {stage!r}; allowed stages are {', '.join(STAGES)} (case-insensitive).")
+    raise invalid_input(f"Unknown stage {stage!r}; allowed stages are {', '.join(STAGES)} (case-insensitive).")
 
 
 def get_model(client: MlflowClient, name: str):
@@ -86,7 +84,7 @@ def all_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
 def get_version(client: MlflowClient, name: str, version: int | str) -> ModelVersion:
     get_model(client, name)
     if not str(version).isdigit():
-        raise bad(f"Model version must be a positive integer, got {version!r}.")
+        raise invalid_input(f"Model version must be a positive integer, got {version!r}.")
     try:
         return client.get_model_version(name, str(version))
     except MlflowException as e:
@@ -105,7 +103,7 @@ def stage_holder(versions: Iterable[ModelVersion], stage: str) -> ModelVersion |
 def check_legal(mv: ModelVersion, target: str) -> None:
     current = mv.current_stage or "None"
     if target not in LEGAL_TRANSITIONS[current]:
-        raise bad(f"Illegal transition of model {mv.name!r} version {mv.version} from {current} to "
+        raise invalid_input(f"Illegal transition of model {mv.name!r} version {mv.version} from {current} to "
                   f"{target}{' (it is already there)' if current == target else ''}; from {current} "
                   f"it may move to {', '.join(LEGAL_TRANSITIONS[current])}.")
 
@@ -191,8 +189,8 @@ def logged_source(client: MlflowClient, ref: ModelRef) -> tuple[str, str | None,
         return f"models:/{lm.model_id}", lm.source_run_id, lm.model_id, lm.artifact_location
     if ref.kind == "uri":
         return ref.text, None, None, ref.text
-    raise bad(f"Cannot register {ref.text!r}: expected runs:/<run_id>/<name>, models:/<model_id>, m-<model_id>, "
-              "models:/<name>/<version|stage>, models:/<name>@<alias> or a run id.")
+    raise invalid_input(f"Cannot register {ref.text!r}: expected runs:/<run_id>/<name>, models:/<model_id>, "
+                        "m-<model_id>, models:/<name>/<version|stage>, models:/<name>@<alias> or a run id.")
 
 
 def lineage_tags(run, model_id: str | None) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from smolora_mlflow.config import SmoloraConfig
+from smolora_mlflow.errors import invalid_input
 
 DEFAULT_EXPERIMENT = SmoloraConfig.__dataclass_fields__["experiment_name"].default
 
@@ -40,7 +41,7 @@ def experiment_id_for(name: str, client=None) -> str | None:
                 raise
             exp = client.get_experiment_by_name(name)
     if exp.lifecycle_stage == "deleted":
-        raise MlflowException.invalid_parameter_value(
+        raise invalid_input(
             f"`experiment_name`={name!r} names a deleted MLflow experiment; restore it "
             f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or choose another name.")
     return exp.experiment_id

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from smolora_mlflow.models import io as modelio
+from smolora_mlflow.models import pretrained
 from smolora_mlflow.models.adapters import (
     apply_adapter,
     check_adapter_matches_base,
@@ -72,9 +72,9 @@ def merge_adapter(
     import torch
 
     name = base_model or recorded_base(adapter_dir)
-    path = modelio.resolve_model_path(name)
-    tokenizer = modelio.load_tokenizer(path, revision=revision, trust_remote_code=trust_remote_code)
-    base = modelio.load_causal_lm(path, revision=revision, trust_remote_code=trust_remote_code,
+    path = pretrained.resolve_model_path(name)
+    tokenizer = pretrained.load_tokenizer(path, revision=revision, trust_remote_code=trust_remote_code)
+    base = pretrained.load_causal_lm(path, revision=revision, trust_remote_code=trust_remote_code,
                                   dtype=getattr(torch, dtype))
     check_adapter_matches_base(adapter_dir, path, base)
     peft_model = apply_adapter(base, adapter_dir, merge=False)
