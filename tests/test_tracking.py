@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from smolora_mlflow import SmoLoRA, SmoloraConfig
 from smolora_mlflow import constants as C
 from smolora_mlflow.config import field_names
-from smolora_mlflow.tracking import ARTIFACT_ERROR, TAG_ERROR
+from smolora_mlflow.constants import ARTIFACT_ERROR, TAG_ERROR
 
 SMALL = {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 32, "max_samples": 64,
          "logging_steps": 1, "sample_max_new_tokens": 4}
