@@ -73,7 +73,11 @@ def parse_model_ref(ref: str | os.PathLike) -> ModelRef:
     if body.startswith("m-") and "/" not in body and (text.startswith("models:/") or not os.path.exists(text)):
         return ModelRef(text, "logged_model", model_id=body)
     if text.startswith("models:/"):
-        name, sep, key = body.partition("@") if "@" in body else body.partition("/")
+        # As MLflow's own parser reads it: <name>/<key> first, else <name>@<alias> at the last "@", so a
+        # name holding "@" names the same model here as there.
+        name, sep, key = body.partition("/")
+        if not sep and "@" in body:
+            name, sep, key = body.rpartition("@")
         return ModelRef(text, "registered", name=name, key=key if sep else "latest")
     if "://" in text or text.startswith(("file:", "mlflow-artifacts:")):
         return ModelRef(text, "uri")

@@ -227,7 +227,7 @@ def cmd_transition(args: argparse.Namespace) -> int:
 
 
 def _version(registry, name: str, version: str) -> str:
-    if str(version).isdigit():
+    if str(version).isascii() and str(version).isdigit():
         return str(version)
     return str(registry.resolve(name, version).version)
 

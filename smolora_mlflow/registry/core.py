@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -72,26 +73,75 @@ def get_model(client: MlflowClient, name: str):
         raise missing(f"Registered model {name!r} does not exist; known models: {known}.") from e
 
 
+def name_filter(name: str) -> str | None:
+    """``name = '<name>'`` in MLflow's filter grammar, or None where that grammar cannot spell ``name``.
+
+    MLflow's parser (sqlparse tokens, then ``SearchUtils._strip_quotes``; checked against MLflow 3.17) only
+    trims the enclosing quotes: a doubled or backslash-escaped quote is kept as typed, never unescaped. So
+    the one exact spelling is the name between the quote it does not contain; a name holding both kinds
+    has none. ``%`` and ``_`` are literal: ``=`` is not ``LIKE``.
+    """
+    for quote in ("'", '"'):
+        if quote not in name:
+            return f"name = {quote}{name}{quote}"
+    return None
+
+
 def all_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of ``name``, and of no other model, oldest first."""
+    if (where := name_filter(name)) is None:
+        return _versions_one_by_one(client, name)
     out, token = [], None
     while True:
-        page = client.search_model_versions(f"name = '{name}'", page_token=token)
-        out.extend(page)
+        page = client.search_model_versions(where, page_token=token)
+        # The store compares with its collation (case-blind on MySQL): keep the exact name only.
+        out.extend(mv for mv in page if mv.name == name)
         if not (token := page.token):
             return sorted(out, key=lambda mv: int(mv.version))
 
 
+def _versions_one_by_one(client: MlflowClient, name: str) -> list[ModelVersion]:
+    """For a name no filter can spell: the newest version in each stage bounds the numbers, then one exact
+    lookup per number (deleted numbers are skipped)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated upstream, still answered
+        newest = max((int(mv.version) for mv in client.get_latest_versions(name)), default=0)
+    out = []
+    for number in range(1, newest + 1):
+        try:
+            out.append(client.get_model_version(name, str(number)))
+        except MlflowException as e:
+            if not has_code(e, RESOURCE_DOES_NOT_EXIST):
+                raise
+    return out
+
+
+# Version numbers are 32-bit integers on some registry databases, and SQLite overflows past 64 bits.
+MAX_VERSION = 2**31 - 1
+
+
+def version_number(version: int | str) -> int | None:
+    """``version`` as a positive int when it is written as one (ASCII digits: ``"²".isdigit()`` is True)."""
+    text = str(version).strip()
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        return None
+    return int(text)
+
+
 def get_version(client: MlflowClient, name: str, version: int | str) -> ModelVersion:
     get_model(client, name)
-    if not str(version).isdigit():
+    number = version_number(version)
+    if number is None:
         raise invalid_input(f"Model version must be a positive integer, got {version!r}.")
     try:
-        return client.get_model_version(name, str(version))
+        if number > MAX_VERSION:  # past anything a store holds (SQLite would raise OverflowError)
+            raise missing(f"version {number} is out of range")
+        return client.get_model_version(name, str(number))
     except MlflowException as e:
         if not has_code(e, RESOURCE_DOES_NOT_EXIST):
             raise
         existing = ", ".join(str(mv.version) for mv in all_versions(client, name)) or "none"
-        raise missing(f"Model {name!r} has no version {version}; its versions are: {existing}.") from e
+        raise missing(f"Model {name!r} has no version {number}; its versions are: {existing}.") from e
 
 
 def stage_holder(versions: Iterable[ModelVersion], stage: str) -> ModelVersion | None:
@@ -106,6 +156,29 @@ def check_legal(mv: ModelVersion, target: str) -> None:
         raise invalid_input(f"Illegal transition of model {mv.name!r} version {mv.version} from {current} to "
                   f"{target}{' (it is already there)' if current == target else ''}; from {current} "
                   f"it may move to {', '.join(LEGAL_TRANSITIONS[current])}.")
+
+
+# A reason or user is kept in tags (history, promotion decision): MLflow holds 100,000 characters a tag value
+# and 250 a key; the notes stay well inside, so their tags can never be refused after a stage has moved.
+MAX_NOTE = 5000
+MAX_TAG_KEY, MAX_TAG_VALUE = 250, 100_000
+
+
+def check_note(field: str, value: str | None) -> str | None:
+    """``value`` (a reason or user) if it fits in a tag beside the rest of its entry; raises otherwise."""
+    if value is not None and (not isinstance(value, str) or len(value) > MAX_NOTE):
+        shown = f"{len(value)} characters" if isinstance(value, str) else repr(value)
+        raise invalid_input(f"`{field}` must be text of at most {MAX_NOTE} characters, got {shown}; shorten it.")
+    return value
+
+
+def check_tags(tags: dict[str, str]) -> dict[str, str]:
+    """Version tags MLflow will take (key and value lengths), checked before anything is written."""
+    for key, value in tags.items():
+        if not key.strip() or len(key) > MAX_TAG_KEY or len(value) > MAX_TAG_VALUE:
+            raise invalid_input(f"Version tag {key[:80]!r} (value of {len(value)} characters) is not accepted: keys "
+                                f"are 1-{MAX_TAG_KEY} characters, values at most {MAX_TAG_VALUE}; shorten it.")
+    return tags
 
 
 def default_user() -> str:

@@ -63,7 +63,7 @@ def resolve(name: str, stage_or_alias: int | str = "production", *,
     """
     client = client or MlflowClient()
     key = str(stage_or_alias)
-    if key.isdigit():
+    if key.isascii() and key.isdigit():
         return core.get_version(client, name, key)
     model, versions = core.get_model(client, name), core.all_versions(client, name)
     stage = {s.lower(): s for s in STAGE_ALIASES}.get(key.lower())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
@@ -15,6 +16,7 @@ from smolora_mlflow.constants import (
 from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.registry import core
 from smolora_mlflow.registry.core import STAGE_ALIASES
+from smolora_mlflow.registry.journal import all_or_nothing
 from smolora_mlflow.registry.transitions import _apply, _now
 
 _logger = logging.getLogger(__name__)
@@ -67,8 +69,10 @@ def promote(name: str, version: int | str, *, to: str = "Production", metric: st
         raise invalid_input(f"`to` must be Staging or Production, got {to!r}.")
     if force and not (reason or "").strip():
         raise invalid_input("force=True overrides the metric gate and requires a `reason` saying why.")
-    if min_delta < 0:
-        raise invalid_input(f"`min_delta` must be >= 0, got {min_delta!r}.")
+    if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
+        raise invalid_input(f"`min_delta` must be a finite number >= 0, got {min_delta!r}; e.g. 0 or 0.01.")
+    user = core.check_note("user", user or core.default_user())
+    core.check_note("reason", reason)
     if higher_is_better is None:
         higher_is_better = core.higher_is_better(metric)
     mv = core.get_version(client, name, version)
@@ -85,13 +89,13 @@ def promote(name: str, version: int | str, *, to: str = "Production", metric: st
     forced = force and not passed
     decision = PromotionDecision(passed or forced, cand, str(incumbent.version) if incumbent else None, inc,
                                  f"forced: {reason} ({why})" if forced else why, metric, target, forced)
-    user = user or core.default_user()
-    if decision.promoted:
-        _apply(client, mv, target, True, reason or why, user)
     fields = {"decision": "forced" if forced else ("promoted" if passed else "rejected"), "metric": metric,
               "stage": target, "candidate_value": cand, "incumbent_version": decision.incumbent_version,
-              "incumbent_value": inc, "reason": decision.reason, "user": user, "at": _now()[1]}
-    for key, value in fields.items():
-        client.set_model_version_tag(name, str(mv.version), PROMOTION_TAG_PREFIX + key,
-                                     "none" if value is None else str(value))
+              "incumbent_value": inc, "reason": decision.reason, "user": user}
+    tags = core.check_tags({PROMOTION_TAG_PREFIX + k: "none" if v is None else str(v) for k, v in fields.items()})
+    with all_or_nothing(client, name) as journal:  # the stage move and the decision, or neither
+        if decision.promoted:
+            _apply(journal, mv, target, True, reason or why, user)
+        for key, value in {**tags, PROMOTION_TAG_PREFIX + "at": _now()[1]}.items():
+            journal.set_tag(str(mv.version), key, value)
     return decision

@@ -10,7 +10,6 @@ import logging
 import secrets
 import threading
 import time
-import warnings
 from datetime import datetime, timezone
 from typing import Any
 
@@ -28,6 +27,7 @@ from smolora_mlflow.models import manifest
 from smolora_mlflow.refs import parse_model_ref
 from smolora_mlflow.registry import core
 from smolora_mlflow.registry.core import STAGE_ALIASES
+from smolora_mlflow.registry.journal import Journal, all_or_nothing
 from smolora_mlflow.registry.lookup import resolve
 
 _logger = logging.getLogger(__name__)
@@ -76,20 +76,36 @@ def register(model_uri_or_run_id: str, name: str, *, description: str | None = N
     run = client.get_run(run_id) if run_id else None
     path = model_uri_or_run_id.removeprefix("runs:/").strip("/").partition("/")[2] or None
     digest = manifest.for_registration(client, run, model_id, path)  # recorded when the model was logged
-    version_tags = {**core.lineage_tags(run, model_id), **({manifest.TAG: digest} if digest else {}),
-                    **{str(k): str(v) for k, v in (tags or {}).items()}}
+    version_tags = core.check_tags({**core.lineage_tags(run, model_id), **({manifest.TAG: digest} if digest else {}),
+                                    **{str(k): str(v) for k, v in (tags or {}).items()}})
     text = description or core.model_card(client, artifact_uri) or core.summary(run, source)
+    created = _create_model(client, name)
+    try:  # one write: the version and all its tags
+        mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags, model_id=model_id,
+                                         description=text[:_MAX_DESCRIPTION],
+                                         await_creation_for=await_registration_for)
+    except BaseException:
+        if created:  # leave the store as it was: no empty model left behind
+            try:
+                client.delete_registered_model(name)
+            except MlflowException as e:
+                _logger.error("Could not remove the registered model %r created for a failed version: %s", name, e)
+        raise
+    _logger.info("Registered %s version %s from %s", name, mv.version, source)
+    return mv
+
+
+def _create_model(client: MlflowClient, name: str) -> bool:
+    """Create registered model ``name`` if missing; whether this call created it."""
     try:
         client.create_registered_model(name, description="LoRA fine-tunes of causal LMs managed by "
                                        "smolora-mlflow. Stages Staging/Production are mirrored to the aliases "
                                        "`staging`/`production`; versions carry lineage tags.")
+        return True
     except MlflowException as e:
         if not core.has_code(e, RESOURCE_ALREADY_EXISTS, ALREADY_EXISTS):
             raise
-    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags, model_id=model_id,
-                                     description=text[:_MAX_DESCRIPTION], await_creation_for=await_registration_for)
-    _logger.info("Registered %s version %s from %s", name, mv.version, source)
-    return mv
+        return False
 
 
 # --- transitions and their history --------------------------------------------------------------------
@@ -102,34 +118,31 @@ def _now() -> tuple[int, str]:
     return us, datetime.fromtimestamp(us / 1e6, tz=timezone.utc).isoformat(timespec="microseconds")
 
 
-def _record(client, name: str, version, frm: str, to: str, reason: str | None, user: str) -> None:
+def _record(journal: Journal, version, frm: str, to: str, reason: str | None, user: str) -> None:
     us, at = _now()
     value = json.dumps({"from": frm, "to": to, "at": at, "reason": reason, "user": user})
-    client.set_model_version_tag(name, str(version), f"{TRANSITION_TAG_PREFIX}{us:017d}.{secrets.token_hex(4)}",
-                                 value)
+    journal.set_tag(str(version), f"{TRANSITION_TAG_PREFIX}{us:017d}.{secrets.token_hex(4)}", value)
 
 
-def _apply(client: MlflowClient, mv: ModelVersion, target: str, archive_existing: bool, reason: str | None,
+def _apply(journal: Journal, mv: ModelVersion, target: str, archive_existing: bool, reason: str | None,
            user: str) -> ModelVersion:
-    name, version, current = mv.name, str(mv.version), mv.current_stage or "None"
+    """The writes of a transition, through ``journal`` (so a failure part-way undoes them all)."""
+    client, name, version, current = journal.client, mv.name, str(mv.version), mv.current_stage or "None"
     archive = archive_existing and target in STAGE_ALIASES
-    before = {str(v.version) for v in core.all_versions(client, name) if archive and v.current_stage == target}
-    with warnings.catch_warnings():
-        # Stages are deprecated upstream but are this module's contract; the aliases below mirror them.
-        warnings.simplefilter("ignore", FutureWarning)
-        moved = client.transition_model_version_stage(name, version, target, archive_existing_versions=archive)
+    before = {v for v, stage in journal.stages.items() if archive and stage == target}
+    moved = journal.transition(version, target, archive=archive)
     after = core.all_versions(client, name)
     for other in after:  # archived by MLflow in the same write: give each its own history entry
         same_write = other.last_updated_timestamp == moved.last_updated_timestamp
         if archive and str(other.version) != version and other.current_stage == "Archived" and (
                 str(other.version) in before or same_write):
-            _record(client, name, other.version, target, "Archived", f"replaced by version {version}", user)
-    _record(client, name, version, current, target, reason, user)
+            _record(journal, other.version, target, "Archived", f"replaced by version {version}", user)
+    _record(journal, version, current, target, reason, user)
     for stage in sorted({current, target} & set(STAGE_ALIASES)):
         if holder := core.stage_holder(after, stage):
-            client.set_registered_model_alias(name, STAGE_ALIASES[stage], str(holder.version))
-        else:
-            client.delete_registered_model_alias(name, STAGE_ALIASES[stage])
+            journal.set_alias(STAGE_ALIASES[stage], str(holder.version))
+        elif STAGE_ALIASES[stage] in journal.aliases:
+            journal.delete_alias(STAGE_ALIASES[stage])
     return client.get_model_version(name, version)
 
 
@@ -155,9 +168,12 @@ def transition(name: str, version: int | str, stage: str | None, *, archive_exis
     """
     client = client or MlflowClient()
     target = core.canonical_stage(stage)
+    user = core.check_note("user", user or core.default_user())
+    core.check_note("reason", reason)
     mv = core.get_version(client, name, version)
     core.check_legal(mv, target)
-    return _apply(client, mv, target, archive_existing, reason, user or core.default_user())
+    with all_or_nothing(client, name) as journal:
+        return _apply(journal, mv, target, archive_existing, reason, user)
 
 
 def rollback(name: str, *, reason: str | None = None, user: str | None = None,
@@ -171,6 +187,8 @@ def rollback(name: str, *, reason: str | None = None, user: str | None = None,
         '3'
     """
     client = client or MlflowClient()
+    user = core.check_note("user", user or core.default_user())
+    core.check_note("reason", reason)
     core.get_model(client, name)
     versions = core.all_versions(client, name)
     current = core.stage_holder(versions, "Production")
@@ -180,4 +198,5 @@ def rollback(name: str, *, reason: str | None = None, user: str | None = None,
         raise invalid_input(f"Model {name!r} has no previous Production version to roll back to "
                        f"(versions that held Production: {', '.join(dict.fromkeys(entered)) or 'none'}).")
     why = reason or f"rollback from version {current.version if current else 'none'} to {previous}"
-    return _apply(client, candidates[previous], "Production", True, why, user or core.default_user())
+    with all_or_nothing(client, name) as journal:
+        return _apply(journal, candidates[previous], "Production", True, why, user)
