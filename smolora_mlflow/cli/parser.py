@@ -10,6 +10,7 @@ work starts. Only the standard library and :mod:`smolora_mlflow.config` are impo
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,6 +158,17 @@ def _sub(subs, name: str, help_text: str, description: str | None = None) -> arg
                            formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _min_delta(text: str) -> float:
+    """``--min_delta``: a finite number >= 0 (``float`` also reads nan and inf, which no gain can beat)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}; e.g. 0 or 0.01")
+    return value
+
+
 def _tracking_option(parser) -> None:
     parser.add_argument("--tracking_uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or MLflow's).")
 
@@ -170,7 +182,7 @@ def _add_lifecycle_commands(subs) -> None:
     p.add_argument("--metric", default="eval_loss",
                    help="Metric that gates the promotion: eval_loss (default), eval_perplexity, or with "
                         "--task_eval exact_match, contains_answer, regex_match, answer_length.")
-    p.add_argument("--min_delta", type=float, default=0.0, help="The new version must win by more than this.")
+    p.add_argument("--min_delta", type=_min_delta, default=0.0, help="The new version must win by more than this.")
     _direction_option(p)
     _add_model_log_options(p)
     p.add_argument("--eval_dataset", help="Evaluate on all rows of this dataset instead of the held-out split.")
@@ -183,7 +195,7 @@ def _add_lifecycle_commands(subs) -> None:
              "eval_fraction > 0; task scores need --task_eval). The best trial's model is logged, registered\n"
              "when registered_model_name is set, and with --promote promoted on sweep_metric.")
     _flag(p, "promote", "Promote the best trial's version (gated on sweep_metric) after registering it.")
-    p.add_argument("--min_delta", type=float, default=0.0, help="The new version must win by more than this.")
+    p.add_argument("--min_delta", type=_min_delta, default=0.0, help="The new version must win by more than this.")
     _add_model_log_options(p)
     add_config_options(p)
 
@@ -247,7 +259,7 @@ def _add_registry_commands(subs) -> None:
                    help="Metric to compare (default: eval_loss); any metric of the version's evaluation, e.g. "
                         "exact_match, contains_answer, regex_match, answer_length.")
     _direction_option(p)
-    p.add_argument("--min_delta", type=float, default=0.0, help="Must win by more than this (default 0).")
+    p.add_argument("--min_delta", type=_min_delta, default=0.0, help="Must win by more than this (default 0).")
     _flag(p, "force", "Promote even if the gate says no (needs --reason).")
     p.add_argument("--reason", help="Why (required with --force).")
     _tracking_option(p)
