@@ -61,6 +61,10 @@ def test_sigkill_then_resume_continues_the_same_run(tmp_path, tracking_uri, smol
     assert sorted(steps) == list(range(1, 13)), steps  # every step once, none twice
     assert len(client.search_runs([run.info.experiment_id])) == 2  # the reference and this one: no third
 
+    # the summary metric (registry tags, `smolora versions`) covers all 12 steps, not the 6 resumed ones
+    ref_run = next(r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run_id)
+    assert run.data.metrics["train_loss"] == pytest.approx(ref_run.data.metrics["train_loss"], rel=1e-5)
+
     want = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
     got = load_file(out / "adapter" / "adapter_model.safetensors")
     assert want.keys() == got.keys()

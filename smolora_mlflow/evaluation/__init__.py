@@ -6,6 +6,15 @@
 
 from __future__ import annotations
 
-from smolora_mlflow.evaluation.loss import EvalSplit, encode_row, eval_loss, eval_split, perplexity, sample_generations
+from smolora_mlflow.evaluation.loss import (
+    EvalSplit,
+    encode_row,
+    eval_loss,
+    eval_split,
+    perplexity,
+    sample_generations,
+    whole_run_train_loss,
+)
 
-__all__ = ["EvalSplit", "encode_row", "eval_loss", "eval_split", "perplexity", "sample_generations"]
+__all__ = ["EvalSplit", "encode_row", "eval_loss", "eval_split", "perplexity", "sample_generations",
+           "whole_run_train_loss"]

@@ -80,6 +80,37 @@ def perplexity(loss: float) -> float:
     return math.exp(min(float(loss), 50.0))
 
 
+def whole_run_train_loss(log_history: list[dict[str, Any]], global_step: int, session_start: int,
+                         session_loss: float) -> float:
+    """The mean training loss over every step of a run, a run resumed from a checkpoint included.
+
+    transformers' ``train_loss`` is the mean over the steps of one ``train()`` call, so after a resume it
+    covers the resumed steps only. The trainer state, which a checkpoint keeps and a resume restores, holds
+    every logged ``loss``: each the mean over the steps since the previous log, so weighted by those steps
+    they add up to the run's total, in the order transformers adds them (with ``logging_steps=1`` an
+    uninterrupted run gets exactly its own ``train_loss`` back). Steps after the last log are known only to this call's mean,
+    ``session_loss`` over the steps from ``session_start``. Exact when the checkpoint's step is a logging
+    step (always with ``logging_steps=1``, the default).
+
+    Example:
+        >>> whole_run_train_loss([{"loss": 3.0, "step": 1}, {"loss": 1.0, "step": 2}], 2, 1, 1.0)
+        2.0
+    """
+    if global_step <= 0:
+        return session_loss
+    total, last, in_session = 0.0, 0, 0.0
+    for step, loss in sorted({e["step"]: e["loss"] for e in log_history if "loss" in e and "step" in e}.items()):
+        if step > global_step:
+            break
+        part = loss * (step - last)
+        total += part
+        in_session += part if step > session_start else 0.0
+        last = step
+    if last < global_step:  # the steps after the last log: what this call's mean holds beyond its logs
+        total += session_loss * (global_step - session_start) - in_session
+    return total / global_step
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):

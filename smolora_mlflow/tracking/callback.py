@@ -15,7 +15,7 @@ import time
 from transformers import TrainerCallback
 
 from smolora_mlflow import constants as C
-from smolora_mlflow.evaluation import perplexity
+from smolora_mlflow.evaluation import perplexity, whole_run_train_loss
 from smolora_mlflow.tracking.outbox import Op, Outbox, retry_seconds
 
 try:
@@ -135,6 +135,7 @@ class MlflowTrainingCallback(TrainerCallback):
         self._paused = False  # an evaluation or a save ran since the last step
         self._last_tokens = 0
         self._last_step = 0
+        self._session_start = 0  # the step this train() call started from
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero and model is not None:
@@ -143,7 +144,7 @@ class MlflowTrainingCallback(TrainerCallback):
         self._active = 0.0
         self._paused = False
         self._last_tokens = state.num_input_tokens_seen or 0
-        self._last_step = state.global_step
+        self._last_step = self._session_start = state.global_step  # a resume starts at its checkpoint
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._paused:
@@ -168,6 +169,9 @@ class MlflowTrainingCallback(TrainerCallback):
             metrics[C.METRIC_EVAL_PERPLEXITY] = perplexity(logs["eval_loss"])
         if "train_loss" in logs:
             metrics.update((name, logs[key]) for key, name in _FINAL_KEYS.items() if key in logs)
+            # transformers averages this train() call's steps only; a resumed run's covers all its steps
+            metrics[C.METRIC_TRAIN_LOSS] = whole_run_train_loss(state.log_history, state.global_step,
+                                                                self._session_start, logs["train_loss"])
         if metrics:
             self.buffer.add(metrics, state.global_step)
 

@@ -134,7 +134,7 @@ class SmoLoRA:
                                        if run_id and cfg.checkpoint_models and cfg.save_steps > 0 else None)
             trainer = self._build_trainer(model, tokenizer, train_data, tracker)
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-            metrics = dict(output.metrics)
+            metrics = {**output.metrics, "train_loss": _train_loss(trainer, resume, output.training_loss)}
             if data.eval is not None:
                 metrics.update(_with_perplexity(_final_eval(trainer)))
             self._save_adapter(trainer, tokenizer)  # before anything else talks to the tracking server
@@ -265,6 +265,16 @@ def _with_perplexity(metrics: dict[str, float]) -> dict[str, float]:
     if "eval_loss" in out:
         out["eval_perplexity"] = perplexity(out["eval_loss"])
     return out
+
+
+def _train_loss(trainer, resume: Path | None, session_loss: float) -> float:
+    """The mean loss over every step of the run (the trainer's covers only the steps since ``resume``)."""
+    from transformers import TrainerState
+
+    from smolora_mlflow.evaluation import whole_run_train_loss
+
+    start = TrainerState.load_from_json(str(resume / "trainer_state.json")).global_step if resume else 0
+    return whole_run_train_loss(trainer.state.log_history, trainer.state.global_step, start, session_loss)
 
 
 def _final_eval(trainer) -> dict[str, float]:
