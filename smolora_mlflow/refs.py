@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import unquote
 
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -61,9 +62,38 @@ class ModelRef:
         return self.kind != "path"
 
 
+def traversal(uri: str) -> bool:
+    """Whether an artifact URI climbs out of where it points (a ``..`` segment, also written ``%2e%2e`` or
+    with backslashes). MLflow folds ``runs:/<id>/../x`` into ``x`` silently; we refuse it instead."""
+    if ":/" not in uri:  # not a URI: a local path is the user's own
+        return False
+    path = uri.split(":", 1)[1]
+    return any(".." in {seg.strip() for seg in re.split(r"[/\\]", text)} for text in (path, unquote(path)))
+
+
+def refuse_traversal(uri: str, field: str = "model URI") -> str:
+    """``uri`` unless :func:`traversal` says it leaves its folder; raises INVALID_PARAMETER_VALUE naming it.
+
+    Example:
+        >>> refuse_traversal("runs:/0123456789abcdef0123456789abcdef/model/../../secrets")  # doctest: +SKIP
+        MlflowException: The model URI 'runs:/.../model/../../secrets' contains '..': ...
+    """
+    if traversal(uri):
+        from smolora_mlflow.errors import invalid_input
+
+        raise invalid_input(f"The {field} {uri!r} contains '..': artifact paths may not leave the run's or "
+                            "model's artifacts; name the artifact by its path inside them.")
+    return uri
+
+
 def parse_model_ref(ref: str | os.PathLike) -> ModelRef:
-    """Parse a model reference; never touches MLflow (a bare ``m-<id>`` that exists locally is a path)."""
+    """Parse a model reference; never touches MLflow (a bare ``m-<id>`` that exists locally is a path).
+
+    An MLflow reference whose path holds ``..`` is refused (:func:`refuse_traversal`).
+    """
     text = os.fspath(ref) if isinstance(ref, os.PathLike) else str(ref)
+    if not os.path.exists(text):  # a local path is the user's own file; only artifact paths are checked
+        refuse_traversal(text)
     if is_run_id(text):
         return ModelRef(text, "run", run_id=text)
     if text.startswith("runs:/"):

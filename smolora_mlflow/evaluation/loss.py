@@ -88,9 +88,9 @@ def whole_run_train_loss(log_history: list[dict[str, Any]], global_step: int, se
     covers the resumed steps only. The trainer state, which a checkpoint keeps and a resume restores, holds
     every logged ``loss``: each the mean over the steps since the previous log, so weighted by those steps
     they add up to the run's total, in the order transformers adds them (with ``logging_steps=1`` an
-    uninterrupted run gets exactly its own ``train_loss`` back). Steps after the last log are known only to this call's mean,
-    ``session_loss`` over the steps from ``session_start``. Exact when the checkpoint's step is a logging
-    step (always with ``logging_steps=1``, the default).
+    uninterrupted run gets exactly its own ``train_loss`` back). Steps after the last log are known only to
+    this call's mean, ``session_loss`` over the steps from ``session_start``. Exact when the checkpoint's
+    step is a logging step (always with ``logging_steps=1``, the default).
 
     Example:
         >>> whole_run_train_loss([{"loss": 3.0, "step": 1}, {"loss": 1.0, "step": 2}], 2, 1, 1.0)

@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_STATE
 
+from smolora_mlflow.refs import refuse_traversal
+
 logger = logging.getLogger(__name__)
 
 TAG = "smolora.manifest_sha256"
@@ -154,7 +156,7 @@ def resolve(uri: str, client: Any = None) -> Expected:
     """
     import mlflow
 
-    uri = str(uri)
+    uri = refuse_traversal(str(uri))  # every download of a model URI is resolved here first
     if not uri.startswith(("models:/", "runs:/")):
         return Expected(uri, None, None)
     client = client or mlflow.MlflowClient()

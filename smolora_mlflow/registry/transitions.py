@@ -71,6 +71,7 @@ def register(model_uri_or_run_id: str, name: str, *, description: str | None = N
         >>> register("runs:/0a1b.../model", "reviews-lora").tags["smolora.param.lora_r"]  # doctest: +SKIP
         '8'
     """
+    parse_model_ref(model_uri_or_run_id)  # a malformed reference fails before any store is opened
     client = client or MlflowClient()
     source, run_id, model_id, artifact_uri = _source(client, model_uri_or_run_id)
     run = client.get_run(run_id) if run_id else None

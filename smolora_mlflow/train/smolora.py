@@ -21,6 +21,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from smolora_mlflow.config import SmoloraConfig
 from smolora_mlflow.data import PreparedData, as_chat, prepare_data
+from smolora_mlflow.evaluation import whole_run_train_loss
 from smolora_mlflow.models import generation, pretrained
 from smolora_mlflow.models.adapters import BASE_INFO_FILE
 from smolora_mlflow.train import checkpoints
@@ -133,8 +134,10 @@ class SmoLoRA:
             self._checkpoint_models = (CheckpointModels(self, lambda: tracker.run_id, tracker.reachable)
                                        if run_id and cfg.checkpoint_models and cfg.save_steps > 0 else None)
             trainer = self._build_trainer(model, tokenizer, train_data, tracker)
+            start = _step_of(resume)  # read now: checkpoint rotation may delete it during training
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-            metrics = {**output.metrics, "train_loss": _train_loss(trainer, resume, output.training_loss)}
+            metrics = {**output.metrics, "train_loss": whole_run_train_loss(
+                trainer.state.log_history, trainer.state.global_step, start, output.training_loss)}
             if data.eval is not None:
                 metrics.update(_with_perplexity(_final_eval(trainer)))
             self._save_adapter(trainer, tokenizer)  # before anything else talks to the tracking server
@@ -267,14 +270,11 @@ def _with_perplexity(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _train_loss(trainer, resume: Path | None, session_loss: float) -> float:
-    """The mean loss over every step of the run (the trainer's covers only the steps since ``resume``)."""
+def _step_of(checkpoint: Path | None) -> int:
+    """The step a training resumed from ``checkpoint`` starts at (0 for a fresh one)."""
     from transformers import TrainerState
 
-    from smolora_mlflow.evaluation import whole_run_train_loss
-
-    start = TrainerState.load_from_json(str(resume / "trainer_state.json")).global_step if resume else 0
-    return whole_run_train_loss(trainer.state.log_history, trainer.state.global_step, start, session_loss)
+    return TrainerState.load_from_json(str(checkpoint / "trainer_state.json")).global_step if checkpoint else 0
 
 
 def _final_eval(trainer) -> dict[str, float]:
