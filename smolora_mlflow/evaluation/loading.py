@@ -193,9 +193,10 @@ def model_id_of(ref: str | os.PathLike) -> str | None:
             return uri.removeprefix("models:/") if uri else None
         client = mlflow.MlflowClient()
         run = client.get_run(parsed.run_id)
-        found = client.search_logged_models([run.info.experiment_id],
-                                            filter_string=f"source_run_id = '{parsed.run_id}' AND "
-                                                          f"name = '{parsed.artifact_path}'")
+        # The run id was just checked by get_run; the path is the user's and goes into no filter string.
+        found = [m for m in client.search_logged_models([run.info.experiment_id],
+                                                        filter_string=f"source_run_id = '{run.info.run_id}'")
+                 if m.name == parsed.artifact_path]
         return found[0].model_id if found else None
     return None
 
