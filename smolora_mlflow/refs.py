@@ -86,10 +86,25 @@ def refuse_traversal(uri: str, field: str = "model URI") -> str:
     return uri
 
 
+# Version numbers are 32-bit integers in some registry databases (SQLite overflows past 64 bits, and the
+# error, "Python int too large to convert", names nothing): a larger one is refused by name.
+MAX_VERSION = 2**31 - 1
+
+
+def _check_version_range(body: str) -> None:
+    key = body.partition("/")[2]
+    if key.isascii() and key.isdigit() and int(key) > MAX_VERSION:
+        from smolora_mlflow.errors import invalid_input
+
+        raise invalid_input(f"Version {key} in 'models:/{body}' is out of range: versions are 1 to {MAX_VERSION}; "
+                            "`smolora versions NAME` lists them.")
+
+
 def parse_model_ref(ref: str | os.PathLike) -> ModelRef:
     """Parse a model reference; never touches MLflow (a bare ``m-<id>`` that exists locally is a path).
 
-    An MLflow reference whose path holds ``..`` is refused (:func:`refuse_traversal`).
+    An MLflow reference whose path holds ``..`` is refused (:func:`refuse_traversal`), and so is a version
+    number past what a registry holds.
     """
     text = os.fspath(ref) if isinstance(ref, os.PathLike) else str(ref)
     if not os.path.exists(text):  # a local path is the user's own file; only artifact paths are checked
@@ -103,6 +118,7 @@ def parse_model_ref(ref: str | os.PathLike) -> ModelRef:
     if body.startswith("m-") and "/" not in body and (text.startswith("models:/") or not os.path.exists(text)):
         return ModelRef(text, "logged_model", model_id=body)
     if text.startswith("models:/"):
+        _check_version_range(body)
         # As MLflow's own parser reads it: <name>/<key> first, else <name>@<alias> at the last "@", so a
         # name holding "@" names the same model here as there.
         name, sep, key = body.partition("/")

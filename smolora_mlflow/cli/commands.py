@@ -353,9 +353,9 @@ def serve_uri(args: argparse.Namespace) -> str:
         if ref.kind == "run" and ref.artifact_path is None:
             return f"runs:/{ref.run_id}/model"
         return f"models:/{ref.model_id}" if ref.kind == "logged_model" else model
-    if args.stage or args.version:
-        return f"models:/{model}/{args.stage or args.version}"
-    return f"models:/{model}@{args.alias or 'production'}"
+    uri = f"models:/{model}/{args.stage or args.version}" if args.stage or args.version else \
+        f"models:/{model}@{args.alias or 'production'}"
+    return parse_model_ref(uri).text  # refuses what no registry holds before a server process starts
 
 
 def serve_command(args: argparse.Namespace) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_STATE
 
-from smolora_mlflow.refs import refuse_traversal
+from smolora_mlflow.refs import parse_model_ref
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def resolve(uri: str, client: Any = None) -> Expected:
     """
     import mlflow
 
-    uri = refuse_traversal(str(uri))  # every download of a model URI is resolved here first
+    uri = parse_model_ref(str(uri)).text  # every model download starts here: no '..', no impossible version
     if not uri.startswith(("models:/", "runs:/")):
         return Expected(uri, None, None)
     client = client or mlflow.MlflowClient()

@@ -29,7 +29,7 @@ from smolora_mlflow.constants import (
     TRANSITION_TAG_PREFIX,
 )
 from smolora_mlflow.errors import invalid_input
-from smolora_mlflow.refs import ModelRef
+from smolora_mlflow.refs import MAX_VERSION, ModelRef
 
 _logger = logging.getLogger(__name__)
 
@@ -114,10 +114,6 @@ def _versions_one_by_one(client: MlflowClient, name: str) -> list[ModelVersion]:
             if not has_code(e, RESOURCE_DOES_NOT_EXIST):
                 raise
     return out
-
-
-# Version numbers are 32-bit integers on some registry databases, and SQLite overflows past 64 bits.
-MAX_VERSION = 2**31 - 1
 
 
 def version_number(version: int | str) -> int | None:
