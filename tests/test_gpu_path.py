@@ -38,26 +38,7 @@ if _marker:
 '''
 
 
-@pytest.fixture
-def kernelize_calls(monkeypatch):
-    """Every call transformers makes to ``kernels.kernelize`` (the real one still runs, finding no CPU
-    kernels); the tests assert the list stays empty unless Hub kernels were asked for."""
-    import kernels
-    import transformers.integrations.hub_kernels as hub_kernels
-
-    calls: list[dict] = []
-    real = hub_kernels._kernels_kernelize  # bound by transformers at import: `from kernels import kernelize`
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hub_kernels, "_kernels_kernelize", spy)
-    monkeypatch.setattr(kernels, "kernelize", spy)
-    return calls
-
-
-def _safetensors_dtypes(folder: Path) -> set[str]:
+def safetensors_dtypes(folder: Path) -> set[str]:
     from safetensors import safe_open
 
     dtypes = set()
@@ -196,7 +177,7 @@ def test_merge_saves_in_the_base_dtype_and_pyfunc_loads_it(tmp_path, bf16_base_a
     full = merge_adapter(adapter, tmp_path / "f32", base_model=str(base), save_dtype="float32")
     assert (auto.dtype, full.dtype) == ("bfloat16", "float32")
     assert auto.max_abs_logit_diff < 1e-3  # checked in float32, before the cast
-    assert _safetensors_dtypes(tmp_path / "auto") == {"BF16"} and _safetensors_dtypes(tmp_path / "f32") == {"F32"}
+    assert safetensors_dtypes(tmp_path / "auto") == {"BF16"} and safetensors_dtypes(tmp_path / "f32") == {"F32"}
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["dtype"] == "bfloat16"
     size = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors")) for d in ("auto", "f32")}
     assert 0.45 < size["auto"] / size["f32"] < 0.55, size
