@@ -152,7 +152,9 @@ def decode_settings(model, cache_implementation: str = "auto", compile: str | bo
     if compile not in COMPILE_CHOICES:
         raise ValueError(f"`compile` must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}.")
     device = next(model.parameters()).device.type
-    can_compile = device in _COMPILING_DEVICES and supports_static_cache(model)
+    quantizer = getattr(model, "hf_quantizer", None)  # bitsandbytes 4/8-bit layers do not compile
+    can_compile = device in _COMPILING_DEVICES and supports_static_cache(model) and (
+        quantizer is None or bool(quantizer.is_compileable))
     cache = cache_implementation
     if cache == "auto":
         cache = "static" if can_compile else CPU_CACHE_DEFAULT if device == "cpu" else "dynamic"
