@@ -104,10 +104,14 @@ def test_hub_kernels_reach_transformers_only_when_asked(tmp_path, demo_model_dir
     from smolora_mlflow import flavor
     from smolora_mlflow.models.pretrained import load_causal_lm
 
-    assert load_causal_lm(demo_model_dir).use_kernels is False
-    assert kernelize_calls == []
-    assert load_causal_lm(demo_model_dir, hub_kernels=True).use_kernels is True
-    assert len(kernelize_calls) == 1
+    model = load_causal_lm(demo_model_dir)
+    model.train()  # on CUDA this is where transformers 5 fetched kernels from the Hub (Mode.TRAINING)
+    assert model.use_kernels is False and kernelize_calls == []
+    asked = load_causal_lm(demo_model_dir, hub_kernels=True)
+    assert asked.use_kernels is True and len(kernelize_calls) == 1
+    asked.train()
+    assert [str(c["mode"]) for c in kernelize_calls] == ["Mode.INFERENCE", "Mode.TRAINING"]
+    kernelize_calls.clear()
 
     flavor.save_model(tmp_path / "off", demo_model_dir, pip_requirements=PIP)
     flavor.save_model(tmp_path / "on", demo_model_dir, pip_requirements=PIP, hub_kernels=True)
