@@ -57,14 +57,14 @@ def test_offline_bf16_training_to_pyfunc_with_hub_kernels_off(tmp_path, tracking
 def test_static_cache_compiled_decode_equals_dynamic_on_cuda(demo_model_dir, kernelize_calls):
     from transformers import AutoTokenizer
 
-    from smolora_mlflow.models import generation
+    from smolora_mlflow.models import decoding, generation
     from smolora_mlflow.models.pretrained import load_causal_lm
 
     # float32: compiled and eager kernels agree to the last bits there; bf16 ties could flip a greedy pick.
     model = load_causal_lm(demo_model_dir, dtype=torch.float32, device="cuda").eval()
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     decode = generation.decode_settings(model, batch_sizes=(1, 4))
-    assert decode == generation.DecodeSettings("static", compile=True, batch_sizes=(1, 4))  # the CUDA default
+    assert decode == decoding.DecodeSettings("static", compile=True, batch_sizes=(1, 4))  # the CUDA default
     assert generation.warm_up(model, tokenizer, decode) > 0
     dynamic = generation.generate(model, tokenizer, PROMPTS, max_new_tokens=16, decode=generation.DYNAMIC)
     assert generation.generate(model, tokenizer, PROMPTS, max_new_tokens=16, decode=decode) == dynamic

@@ -207,13 +207,13 @@ def test_merge_saves_in_the_base_dtype_and_pyfunc_loads_it(tmp_path, bf16_base_a
 def test_static_cache_greedy_tokens_equal_dynamic(demo_model_dir, monkeypatch):
     from transformers import AutoTokenizer
 
-    from smolora_mlflow.models import generation
+    from smolora_mlflow.models import decoding, generation
     from smolora_mlflow.models.pretrained import load_causal_lm
 
     model, tokenizer = load_causal_lm(demo_model_dir), AutoTokenizer.from_pretrained(demo_model_dir)
     static = generation.decode_settings(model, "static")
-    assert static == generation.DecodeSettings("static", compile=False)  # the CPU never compiles
-    assert generation.decode_settings(model) == generation.DecodeSettings(generation.CPU_CACHE_DEFAULT)
+    assert static == decoding.DecodeSettings("static", compile=False)  # the CPU never compiles
+    assert generation.decode_settings(model) == decoding.DecodeSettings(decoding.CPU_CACHE_DEFAULT)
     kwargs = generation.generate_kwargs(model, tokenizer, generation.resolve_params({"max_new_tokens": 300}),
                                         static, prompt_tokens=7)
     assert (kwargs["cache_implementation"], kwargs["max_cache_len"], kwargs["disable_compile"]) == ("static", 512,
@@ -228,7 +228,7 @@ def test_static_cache_greedy_tokens_equal_dynamic(demo_model_dir, monkeypatch):
     real_generate = model.generate
     monkeypatch.setattr(model, "generate", lambda **kw: shapes.append(tuple(kw["input_ids"].shape)) or
                         real_generate(**kw))
-    bucketed = generation.DecodeSettings("static", compile=False, batch_sizes=(1, 4))
+    bucketed = decoding.DecodeSettings("static", compile=False, batch_sizes=(1, 4))
     assert generation.generate(model, tokenizer, PROMPTS[:3], max_new_tokens=16, decode=bucketed) == dynamic[:3]
     assert [s[0] for s in shapes] == [4]
 
