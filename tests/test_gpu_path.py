@@ -231,6 +231,11 @@ def test_static_cache_greedy_tokens_equal_dynamic(demo_model_dir, monkeypatch):
     bucketed = decoding.DecodeSettings("static", compile=False, batch_sizes=(1, 4))
     assert generation.generate(model, tokenizer, PROMPTS[:3], max_new_tokens=16, decode=bucketed) == dynamic[:3]
     assert [s[0] for s in shapes] == [4]
+    # Warm-up runs one short generate per batch size a compiled decode step will see (a no-op when uncompiled).
+    shapes.clear()
+    assert generation.warm_up(model, tokenizer, bucketed) == 0.0 and shapes == []
+    generation.warm_up(model, tokenizer, decoding.DecodeSettings("static", compile=True, batch_sizes=(1, 4)))
+    assert [s[0] for s in shapes] == [1, 4]
 
 
 def test_decode_settings_errors(demo_model_dir):
