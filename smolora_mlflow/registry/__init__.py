@@ -18,6 +18,10 @@ transition, ``smolora.transition.<17-digit epoch µs>.<8 hex>`` = JSON ``{"from"
 "user"}`` (a fresh key per event, so concurrent writers never overwrite each other and key order is
 time order); the last promotion decision, ``smolora.promotion.<field>``.
 
+Every operation checks everything before its first write, then writes through a journal
+(:mod:`~smolora_mlflow.registry.journal`) that puts the stages, tags and aliases back if a later write fails.
+Names go into no hand-built filter string: any name MLflow stores acts on that model only.
+
 Example:
     >>> mv = register(run_id, "reviews-lora")             # doctest: +SKIP
     >>> transition("reviews-lora", mv.version, "Staging")  # doctest: +SKIP
