@@ -49,8 +49,9 @@ def _ui_link(run_id: str | None) -> str:
     uri = mlflow.get_tracking_uri()
     if not run_id or not uri.startswith(("http://", "https://")):
         return ""
-    exp = mlflow.MlflowClient().get_run(run_id).info.experiment_id
-    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    from smolora_mlflow.tracking.experiments import run_ui_url
+
+    return run_ui_url(uri, mlflow.MlflowClient().get_run(run_id).info.experiment_id, run_id)
 
 
 def _print_summary(title: str, rows: list[tuple[str, Any]]) -> None:
