@@ -182,6 +182,9 @@ def _add_lifecycle_commands(subs) -> None:
              "log:1e-4..1e-2'), each a run nested under one sweep run, optimising sweep_metric (eval_loss needs\n"
              "eval_fraction > 0; task scores need --task_eval). The best trial's model is logged, registered\n"
              "when registered_model_name is set, and with --promote promoted on sweep_metric.")
+    p.add_argument("--backend", dest=_CFG_PREFIX + "sweep_backend", default=argparse.SUPPRESS,
+                   choices=("optuna", "ray"), help="Same as --sweep_backend: optuna (default) or ray (Ray Tune trials "
+                                                   "in --sweep_workers parallel processes).")
     _flag(p, "promote", "Promote the best trial's version (gated on sweep_metric) after registering it.")
     p.add_argument("--min_delta", type=float, default=0.0, help="The new version must win by more than this.")
     _add_model_log_options(p)
