@@ -67,7 +67,7 @@ def test_run_page_opens_in_the_training_view_with_params_and_a_metric_chart(tmp_
         (pytest.fail if os.environ.get("CI") or os.environ.get("SMOLORA_REQUIRE_BROWSER") else pytest.skip)(why)
     from conftest import TINY_TRAINING
     from playwright.sync_api import sync_playwright
-    from servers import start_mlflow_server
+    from servers import launch_mlflow_server
 
     from smolora_mlflow.train import SmoLoRA
 
@@ -75,16 +75,17 @@ def test_run_page_opens_in_the_training_view_with_params_and_a_metric_chart(tmp_
     for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
-    lora = SmoLoRA(**dict(TINY_TRAINING, base_model="smolora:demo", dataset="smolora:reviews", tracking_uri=uri,
-                               experiment_name="smolora-ui", output_dir=str(tmp_path / "out"), eval_fraction=0.0,
-                               checkpoint_models=False))
-    lora.train()
-    run = MlflowClient(uri).get_run(lora.run_id)
-    mlflow.set_tracking_uri(None)
-    assert MlflowClient(uri).get_experiment(run.info.experiment_id).tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND
-
-    server = start_mlflow_server(uri, tmp_path / "artifacts", tmp_path / "server.log")
+    MlflowClient(uri).search_experiments()  # the tables, before the server and the training both open the file
+    server = launch_mlflow_server(uri, tmp_path / "artifacts", tmp_path / "server.log")  # starts while we train
     try:
+        lora = SmoLoRA(**dict(TINY_TRAINING, base_model="smolora:demo", dataset="smolora:reviews", tracking_uri=uri,
+                              experiment_name="smolora-ui", output_dir=str(tmp_path / "out"), eval_fraction=0.0,
+                              checkpoint_models=False))
+        lora.train()
+        run = MlflowClient(uri).get_run(lora.run_id)
+        mlflow.set_tracking_uri(None)
+        assert MlflowClient(uri).get_experiment(run.info.experiment_id).tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND
+        server.wait("/health", 180)
         with sync_playwright() as p:  # a fresh profile: no remembered GenAI / Model training choice
             browser = p.chromium.launch_persistent_context(str(tmp_path / "chromium"), executable_path=CHROMIUM,
                                                            headless=True, args=CHROMIUM_ARGS,
