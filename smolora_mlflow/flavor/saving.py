@@ -136,7 +136,7 @@ def save_model(
             mlflow_model.metadata = metadata
         card = model_card or files.model_card(conf, Path(conf["base_model"] or path.name).name + " (smolora)")
         (path / ARTIFACT_MODEL_CARD).write_text(card, encoding="utf-8")
-        pyfunc.add_to_model(mlflow_model, loader_module=__name__, data=conf["data"], code=code_subpath,
+        pyfunc.add_to_model(mlflow_model, loader_module="smolora_mlflow.flavor", data=conf["data"], code=code_subpath,
                             conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME, streamable=True,
                             model_config=dict.fromkeys(MODEL_CONFIG_KEYS))
         mlflow_model.add_flavor(FLAVOR_NAME, code=code_subpath, **conf)
