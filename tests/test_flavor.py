@@ -367,6 +367,27 @@ def test_wrapper_level_validation(loaded, tmp_path, demo_model_dir):
         plain.predict({"prompt": ["one two three four five six"]})
 
 
+def test_unencodable_prompts_and_template_refusals_are_400_not_500(loaded):
+    """A lone surrogate (a TypeError in the tokenizer) and a chat template's raise_exception (a jinja2
+    TemplateError) are the caller's mistakes: MlflowException 400 naming them."""
+    from mlflow.exceptions import MlflowException
+
+    impl = loaded._model_impl
+    for model_input in ("a\ud800", ["ok", "\udfff"], [{"role": "user", "content": "hi \ud800"}],
+                        pd.DataFrame({"prompt": [[{"role": "\ud800", "content": "hi"}]]})):
+        with pytest.raises(MlflowException, match=r"lone surrogate \(U\+D[8-F][0-9A-F]{2}\)") as e:
+            impl.predict(model_input)
+        assert e.value.get_http_status_code() == 400
+    template = impl.tokenizer.chat_template
+    impl.tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    try:
+        with pytest.raises(MlflowException, match="roles must alternate") as e:
+            impl.predict([{"role": "user", "content": "hi"}])
+        assert e.value.get_http_status_code() == 400
+    finally:
+        impl.tokenizer.chat_template = template
+
+
 # ----------------------------------------------------------------------------------------------------
 # concurrency
 

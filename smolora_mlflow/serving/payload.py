@@ -34,10 +34,8 @@ def _kind(value: Any, objects: bool = False) -> str | None:
 
 
 def _cell(value: Any, where: str, objects: bool = False) -> str | None:
-    kind = _kind(value, objects)
-    if kind is None and isinstance(value, list):  # a list of prompts in one cell expands to rows
-        return next((p for j, item in enumerate(value) if (p := _cell_scalar(item, f"{where}[{j}]", objects))),
-                    None)
+    if isinstance(value, list):  # a list of prompts in one cell expands to rows (depth is bounded by the guard)
+        return next((p for j, item in enumerate(value) if (p := _cell(item, f"{where}[{j}]", objects))), None)
     return _cell_scalar(value, where, objects)
 
 
