@@ -139,8 +139,28 @@ def _content_type(rng: random.Random, path: str) -> tuple[dict[str, str], bool]:
     return ({} if value is None else {"Content-Type": value}), ok
 
 
+VALID_PROMPTS = ["The food was", "hi", "Our waiter was", "Great", "\U0001f600 ok", "ü", "a \\ud800 escaped"]
+
+
+def valid_body(rng: random.Random, path: str) -> dict:
+    """A request the route must answer with a 200 (1-2 new tokens)."""
+    tokens, prompt = rng.choice([1, 2]), rng.choice(VALID_PROMPTS)
+    sampling = rng.choice([{}, {"temperature": 0}, {"temperature": 0.7, "top_p": 0.9, "seed": 3}])
+    chat = [*rng.choice([[], [{"role": "system", "content": "Be brief."}]]), {"role": "user", "content": prompt}]
+    if path == "/v1/completions":
+        return {"model": "m", "prompt": prompt, "max_tokens": tokens, "stream": rng.random() < 0.3,
+                "echo": rng.random() < 0.2, **sampling}
+    if path == "/v1/chat/completions":
+        return {"model": "m", "messages": chat, "max_tokens": tokens, "stream": rng.random() < 0.3, **sampling}
+    return {"prompt": prompt if rng.random() < 0.7 else chat, "params": {"max_new_tokens": tokens, **sampling}}
+
+
 def post_case(rng: random.Random, path: str, key: str) -> Case:
-    """A POST to ``/stream``, ``/v1/completions`` or ``/v1/chat/completions``."""
+    """A POST to ``/stream``, ``/v1/completions`` or ``/v1/chat/completions``: a quarter valid, the rest
+    hostile."""
+    if rng.random() < 0.25:
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        return Case("POST", path, json.dumps(valid_body(rng, path)).encode(), headers)
     tokens = rng.choice([1, 2])
     if path == "/v1/completions":
         body = {"model": "m", "prompt": _prompt(rng), "max_tokens": tokens, **_sampling(rng)}
@@ -157,7 +177,7 @@ def post_case(rng: random.Random, path: str, key: str) -> Case:
         body = {"prompt": prompt, "params": {"max_new_tokens": tokens, **_sampling(rng)}}
         extra = {"adapter": [None, "default", "nope"]}
         fields = ["prompt", "messages", "params", "adapter"]
-    for name in rng.sample(sorted(extra), rng.randint(0, 2)):
+    for name in rng.sample(sorted(extra), rng.randint(0, min(2, len(extra)))):
         body[name] = rng.choice(extra[name])
     if path == "/stream" and rng.random() < 0.2:
         body["params"] = _mutate(rng, body["params"], ["max_new_tokens", "temperature", "do_sample", "seed"])

@@ -306,9 +306,12 @@ def test_api_key_with_the_openai_client(server):
     assert done.choices[0].message.role == "assistant" and done.usage.prompt_tokens > 0
     assert client.completions.create(model="m", prompt="The food was", max_tokens=2).choices[0].text is not None
     assert [m.id for m in client.models.list().data] == ["model"]
+    nested: list = []
+    for _ in range(100):
+        nested = [nested]
     with pytest.raises(openai.BadRequestError) as bad:  # the guard's refusals come in OpenAI's shape too
-        client.completions.create(model="m", prompt="hi", max_tokens=1, extra_body={"temperature": float("nan")})
-    assert "NaN" in bad.value.message
+        client.completions.create(model="m", prompt="hi", max_tokens=1, extra_body={"user": nested})
+    assert "nested 102 levels deep" in bad.value.message
     for wrong in ("wrong-key", KEY + "x", KEY[:-1]):
         other = openai.OpenAI(base_url=f"{server}/v1", api_key=wrong, max_retries=0, timeout=60)
         with pytest.raises(openai.AuthenticationError) as denied:
@@ -398,8 +401,8 @@ def _fuzz_route(port: int, path: str, make, seed: int) -> Counter:
 def test_every_route_answers_1000_hostile_requests_without_a_5xx(server, path, make):
     counts = _fuzz_route(SERVER["port"], path, make, seed=zlib.crc32(path.encode()))
     assert counts["requests"] == PER_ROUTE and counts["5xx"] == 0
-    if make is post_case:  # the generator keeps a good share valid: text is generated, not only refused
-        assert counts["2xx"] >= PER_ROUTE // 10, counts
+    if make is post_case:  # a quarter is valid: text is generated, not only refused
+        assert counts["2xx"] >= PER_ROUTE // 5, counts
 
 
 def test_server_is_healthy_afterwards_and_nothing_was_5xx(server):
