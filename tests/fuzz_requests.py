@@ -21,8 +21,8 @@ JSON_ONLY = ("/stream", "/v1/completions", "/v1/chat/completions")
 STRINGS = ["", " ", "hi", "The food was", "Our waiter", "\ud800", "a\udfffb", "\udc00\ud800", "\U0001f600 ok",
            "\x00", "{{ 7 * 7 }}", "{% raise %}", "<|user|>", "</s>", "\u202e", "ü" * 20, "x" * 3000, "\\", '"',
            "null", "\r\n\r\n", "%s%n"]
-NUMBERS = [0, 1, 2, -1, 0.5, -0.0, 1.5, 2**63, -(2**63), 10**30, 1e308, float("nan"), float("inf"), -float("inf"),
-           10**9]
+NUMBERS = [0, 1, 2, -1, 0.5, -0.0, 1.5, 2**63, -(2**63), 10**30, 1e308, 1e-300, 1e-40, float("nan"), float("inf"),
+           -float("inf"), 10**9]
 SCALARS = [None, True, False, *NUMBERS, *STRINGS]
 KEYS = ["prompt", "messages", "model", "role", "content", "params", "max_tokens", "temperature", "inputs", "",
         "\ud800", "__proto__", "type", "text"]
@@ -79,7 +79,8 @@ def _messages(rng: random.Random) -> object:
 
 
 def _sampling(rng: random.Random) -> dict[str, object]:
-    options = {"temperature": [0, 0.7, 1.0, -1, "hot"], "top_p": [0.9, 1, 0, 2], "top_k": [0, 5, -3, 1.5],
+    options = {"temperature": [0, 0.7, 1.0, -1, "hot", 1e-300, 1e-40], "top_p": [0.9, 1, 0, 2, 1e-300],
+               "top_k": [0, 5, -3, 1.5, 10**12],
                "seed": [0, 7, -1, 2**64], "repetition_penalty": [1.1, 0, -1]}
     picked = rng.sample(sorted(options), rng.randint(0, 2))
     return {k: (rng.choice(options[k]) if rng.random() < 0.8 else rng.choice(SCALARS)) for k in picked}
@@ -114,8 +115,10 @@ def _raw(rng: random.Random, document: object) -> bytes:
         return b"\xef\xbb\xbf" + text.encode()  # a UTF-8 BOM
     if r < 0.95:
         return json.dumps(document, ensure_ascii=False).encode("utf-8", "surrogatepass")  # surrogates as bytes
-    if r < 0.97:
+    if r < 0.96:
         return json.dumps(document, ensure_ascii=False).encode("latin-1", "replace")  # not UTF-8
+    if r < 0.97 and text.endswith("}"):
+        return (text[:-1] + ', "big": ' + "9" * 5000 + "}").encode()  # over Python's 4,300 digits
     return bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64)))
 
 

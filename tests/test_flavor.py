@@ -316,7 +316,8 @@ BAD_INPUTS = [
     (pd.DataFrame({"prompt": [3]}), None, "Incompatible input types for column prompt"),
     ({"prompt": ["a"]}, {"max_new_tokens": 0}, r"`max_new_tokens` must be in 1\.\.1024, got 0"),
     ({"prompt": ["a"]}, {"max_new_tokens": 4096}, r"`max_new_tokens` must be in 1\.\.1024, got 4096"),
-    ({"prompt": ["a"]}, {"do_sample": True, "temperature": 0.0}, "`temperature` must be > 0 when `do_sample`"),
+    ({"prompt": ["a"]}, {"do_sample": True, "temperature": 0.0}, "`temperature` must be >= 0.001 when `do_sample`"),
+    ({"prompt": ["a"]}, {"do_sample": True, "temperature": 1e-300}, "`temperature` must be >= 0.001"),  # 0 in float32
     ({"prompt": ["a"]}, {"top_p": 0.0}, r"`top_p` must be in \(0, 1\]"),
     ({"prompt": ["a"]}, {"top_k": -1}, "`top_k` must be >= 0"),
     ({"prompt": ["a"]}, {"repetition_penalty": 0.0}, "`repetition_penalty` must be > 0"),

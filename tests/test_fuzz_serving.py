@@ -104,6 +104,7 @@ raw_bodies = st.one_of(
     deep.map(lambda d: '{"inputs": ' + d + "}"), deep,  # RecursionError in MLflow's decoder from ~1,000 deep
     st.binary(max_size=200).map(lambda b: b.decode("latin-1")),  # not JSON at all
     st.just('{"dataframe_records": [{"prompt": "a"}'),  # truncated JSON
+    st.just('{"inputs": {"prompt": ["a"]}, "big": ' + "9" * 5000 + "}"),  # a 500 in MLflow's parser (issue 22)
     st.lists(st.text(max_size=30), max_size=4).map(lambda rows: "prompt\n" + "\n".join(rows)),  # CSV-ish
 )
 content_types = st.one_of(
@@ -280,6 +281,13 @@ def test_nan_and_infinite_params_and_object_prompts_are_400(server):
                 assert value in error["message"] and "finite number" in error["message"], error
     stream = _post(server, "/stream", '{"prompt": "hi", "params": {"temperature": NaN}}')
     assert stream.status_code == 400 and "NaN" in stream.json()["message"]
+    # 1e-300 is 0 in float32: sampling divided by it and failed with a 500 (an `event: error` in a stream)
+    tiny = _openai_error(_post(server, "/v1/completions", '{"model": "m", "prompt": "hi", "temperature": 1e-300}'), 400)
+    assert tiny["param"] == "temperature" and ">= 0.001" in tiny["message"]
+    stream = _post(server, "/stream", '{"prompt": "hi", "params": {"temperature": 1e-300, "do_sample": true}}')
+    assert stream.status_code == 400 and ">= 0.001" in stream.json()["message"]
+    big = _post(server, "/invocations", '{"inputs": {"prompt": ["hi"]}, "big": ' + "9" * 5000 + "}")
+    assert big.status_code == 400 and "digits" in big.json()["message"], big.text  # MLflow's parser: 500
     for payload in ({"inputs": {"prompt": [{"a": 1}]}}, {"inputs": {"prompt": {"a": 1}}},
                     {"instances": [{"prompt": {"a": 1}}]}, {"inputs": [{"prompt": {"a": 1}}]},
                     {"inputs": {"prompt": [[{"role": "user", "content": "hi"}]]}}):

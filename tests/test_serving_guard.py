@@ -236,3 +236,14 @@ def test_openai_errors_reshape_other_errors_and_leave_the_rest_alone():
     assert _run(OpenAIErrors(answering(400, already)), [b""], {}, "GET", "/v1/x")[1] == already
     for path, status in (("/v1/x", 200), ("/invocations", 404)):  # a success, or not a /v1/ path: untouched
         assert _run(OpenAIErrors(answering(status, b"data: x")), [b""], {}, "GET", path)[1] == b"data: x"
+
+
+def test_openai_errors_answer_an_unhandled_exception_in_openai_shape(caplog):
+    async def broken(scope, receive, send):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+
+    status, body, _, _ = _run(OpenAIErrors(broken), [b"{}"], JSON, "POST", "/v1/completions")
+    assert status == 500 and json.loads(body)["error"]["type"] == "server_error"
+    assert "probability tensor" in caplog.text  # logged for the operator, not sent to the client
+    with pytest.raises(RuntimeError):  # elsewhere the server's own 500 handling applies
+        _run(OpenAIErrors(broken), [b"{}"], JSON, "POST", "/invocations")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from smolora_mlflow.errors import invalid_input
-from smolora_mlflow.models.generation import GENERATION_DEFAULTS, GENERATION_PARAMS, format_chat
+from smolora_mlflow.models.generation import GENERATION_DEFAULTS, GENERATION_PARAMS, MIN_TEMPERATURE, format_chat
 
 try:  # what a chat template's raise_exception raises (e.g. "roles must alternate"): the caller's mistake
     from jinja2 import TemplateError
@@ -64,9 +64,9 @@ def _range_problems(p: dict[str, Any], max_new_tokens_limit: int) -> list[str]:
         ("seed", lambda v: -1 <= v < 2**63, "in 0..2**63-1, or -1 for no seed"),
     ]
     problems = [f"`{k}` must be {text}, got {p[k]!r}." for k, ok, text in checks if k in p and not ok(p[k])]
-    if p.get("do_sample") and "temperature" in p and p["temperature"] <= 0:
+    if p.get("do_sample") and "temperature" in p and p["temperature"] < MIN_TEMPERATURE:
         problems.append(
-            f"`temperature` must be > 0 when `do_sample` is true, got {p['temperature']!r}; "
+            f"`temperature` must be >= {MIN_TEMPERATURE} when `do_sample` is true, got {p['temperature']!r}; "
             "use do_sample=false for greedy decoding."
         )
     return problems

@@ -24,11 +24,16 @@ Every error under ``/v1/`` is OpenAI's ``{"error": {"message", "type", "param", 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from smolora_mlflow.models.generation import MIN_TEMPERATURE
+
+_logger = logging.getLogger(__name__)
 
 # `logprobs` is an integer in completions, a bool in chat.
 NEUTRAL = {"n": (1, None), "stop": (None, [], ""), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
@@ -99,6 +104,9 @@ def _params(body: dict[str, Any], kind: str) -> dict[str, Any]:
     if max_tokens is not None:
         params["max_new_tokens"] = max_tokens
     temperature = _number(body, "temperature", float, 0)
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+        raise BadRequest(f"`temperature` must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {temperature!r}.",
+                         "temperature")
     if temperature is not None:
         params["do_sample"] = temperature > 0
         if temperature > 0:
@@ -256,8 +264,12 @@ class OpenAIErrors:
             return
         held: dict[str, Any] = {}
         chunks: list[bytes] = []
+        started = False
 
         async def shaped(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
             if message["type"] == "http.response.start" and message["status"] >= 400:
                 held.update(message)
                 return
@@ -275,4 +287,14 @@ class OpenAIErrors:
             await send({**held, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
-        await self.app(scope, receive, shaped)
+        try:
+            await self.app(scope, receive, shaped)
+        except Exception:  # a bug, not the client's fault: still an answer an OpenAI client can read
+            if started:
+                raise
+            _logger.exception("Unhandled error on %s", scope.get("path"))
+            body = json.dumps(error_body("The server failed to answer this request; see its log.", 500)).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
