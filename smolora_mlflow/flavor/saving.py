@@ -34,11 +34,13 @@ from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
 from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor import files
 from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS
-from smolora_mlflow.models import manifest
+from smolora_mlflow.models import manifest, pretrained
 
 _logger = logging.getLogger(__name__)
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# MLmodel files name the package as the loader module (its __init__ re-exports _load_pyfunc), never this file.
+_FLAVOR_MODULE = "smolora_mlflow.flavor"
 
 
 def get_default_pip_requirements(mode: str = "merged") -> list[str]:
@@ -71,6 +73,7 @@ def save_model(
     generation_defaults: dict[str, Any] | None = None,
     max_new_tokens_limit: int = 1024,
     max_prompt_tokens: int | None = None,
+    hub_kernels: bool = False,
     signature: ModelSignature | None = None,
     input_example: Any = None,
     pip_requirements: list[str] | str | None = None,
@@ -101,6 +104,8 @@ def save_model(
         generation_defaults: defaults for generation params (over the model's generation_config).
         max_new_tokens_limit: largest ``max_new_tokens`` a request may ask for.
         max_prompt_tokens: longest prompt (in tokens) a request may send; the context always applies.
+        hub_kernels: recorded in the flavor block; the loader then lets transformers fetch and run compiled
+            kernels from the Hugging Face Hub (``use_kernels=True``). Off: no code is downloaded.
         signature, input_example: default to ``prompt -> generated_text`` with a params schema.
         pip_requirements, extra_pip_requirements, conda_env: as in MLflow; requirements are inferred
             from the saved model when none are given.
@@ -125,8 +130,12 @@ def save_model(
         if prompt_format not in ("chat", "plain"):
             raise invalid_input(
                 f"`prompt_format` must be 'chat' or 'plain', got {prompt_format!r}.")
-        conf.update(prompt_format=prompt_format, generation_defaults=defaults,
-                    max_new_tokens_limit=max_new_tokens_limit,
+        if not isinstance(hub_kernels, bool):
+            raise invalid_input(f"`hub_kernels` must be true or false, got {hub_kernels!r}.")
+        # The dtype the weights are saved in (merged) or the base's (adapter): what the loader loads by default.
+        saved_dtype = pretrained.checkpoint_dtype(config_dir) if config_dir is not None else None
+        conf.update(prompt_format=prompt_format, generation_defaults=defaults, dtype=saved_dtype,
+                    hub_kernels=hub_kernels, max_new_tokens_limit=max_new_tokens_limit,
                     max_prompt_tokens=max_prompt_tokens, context_length=files.context_length(config_dir))
         mlflow_model = mlflow_model or Model()
         _save_example(mlflow_model, files.default_input_example(defaults) if input_example is None
@@ -136,7 +145,7 @@ def save_model(
             mlflow_model.metadata = metadata
         card = model_card or files.model_card(conf, Path(conf["base_model"] or path.name).name + " (smolora)")
         (path / ARTIFACT_MODEL_CARD).write_text(card, encoding="utf-8")
-        pyfunc.add_to_model(mlflow_model, loader_module="smolora_mlflow.flavor", data=conf["data"], code=code_subpath,
+        pyfunc.add_to_model(mlflow_model, loader_module=_FLAVOR_MODULE, data=conf["data"], code=code_subpath,
                             conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME, streamable=True,
                             model_config=dict.fromkeys(MODEL_CONFIG_KEYS))
         mlflow_model.add_flavor(FLAVOR_NAME, code=code_subpath, **conf)
@@ -168,6 +177,7 @@ def log_model(
     generation_defaults: dict[str, Any] | None = None,
     max_new_tokens_limit: int = 1024,
     max_prompt_tokens: int | None = None,
+    hub_kernels: bool = False,
     signature: ModelSignature | None = None,
     input_example: Any = None,
     pip_requirements: list[str] | str | None = None,
@@ -192,13 +202,14 @@ def log_model(
     if kwargs.get("run_id") and "model_id" not in kwargs:
         kwargs["model_id"] = _logged_model_in_runs_experiment(name, kwargs["run_id"], kwargs)
     info = Model.log(
-        artifact_path=None, name=name, flavor=sys.modules["smolora_mlflow.flavor"], flavor_name=FLAVOR_NAME,
+        artifact_path=None, name=name, flavor=sys.modules[_FLAVOR_MODULE], flavor_name=FLAVOR_NAME,
         registered_model_name=registered_model_name, await_registration_for=await_registration_for,
         metadata=metadata, model_dir=model_dir, model=model, tokenizer=tokenizer, mode=mode,
         adapter_dir=adapter_dir, base_model=base_model, base_model_revision=base_model_revision,
         base_model_sha256=base_model_sha256, lora_config=lora_config, training_run_id=training_run_id,
         prompt_format=prompt_format, model_card=model_card, generation_defaults=generation_defaults,
-        max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens, signature=signature,
+        max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens, hub_kernels=hub_kernels,
+        signature=signature,
         input_example=input_example, pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements, conda_env=conda_env, code_paths=code_paths, **kwargs,
     )
