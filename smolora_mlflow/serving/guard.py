@@ -63,12 +63,13 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf
 
 @dataclass(frozen=True)
 class Policy:
-    """What one path accepts: its content types, and whether its body must be strict JSON (the routes of
-    this package parse it with ``json.loads``; MLflow's ``/invocations`` has its own parser)."""
+    """What one path accepts: its content types; whether its body must be strict JSON (this package's
+    routes: nothing in them expects NaN, which compares False to every bound); whether MLflow's scoring
+    payload forms are checked (``/invocations``, whose parser is MLflow's and stays as lenient as it is)."""
 
     content_types: tuple[str, ...] = CONTENT_TYPES
     strict_json: bool = False
-    payload_check: bool = False  # MLflow's scoring payload forms (see .payload)
+    payload_check: bool = False  # see .payload
 
 
 JSON_ONLY = Policy(("application/json",), strict_json=True)
