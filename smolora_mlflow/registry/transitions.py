@@ -16,7 +16,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS
+from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST
 
 from smolora_mlflow.constants import (
     TAG_MODEL_ID,
@@ -26,6 +26,7 @@ from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.models import manifest
 from smolora_mlflow.refs import parse_model_ref
 from smolora_mlflow.registry import core
+from smolora_mlflow.registry import semver as semvers
 from smolora_mlflow.registry.core import STAGE_ALIASES
 from smolora_mlflow.registry.journal import Journal, all_or_nothing
 from smolora_mlflow.registry.lookup import resolve
@@ -50,7 +51,7 @@ def _source(client: MlflowClient, ref: str) -> tuple[str, str | None, str | None
 
 def register(model_uri_or_run_id: str, name: str, *, description: str | None = None,
              tags: dict[str, Any] | None = None, await_registration_for: int = 300,
-             client: MlflowClient | None = None) -> ModelVersion:
+             client: MlflowClient | None = None, semver: str | None = None) -> ModelVersion:
     """Register a logged model as a new version of ``name``, with lineage tags from its training run.
 
     Args:
@@ -63,9 +64,12 @@ def register(model_uri_or_run_id: str, name: str, *, description: str | None = N
         tags: Extra version tags; they win over the lineage tags.
         await_registration_for: Seconds to wait for the version to be READY.
         client: MLflow client; default: one for the current tracking/registry URIs.
+        semver: ``MAJOR.MINOR.PATCH`` for this version instead of the derived one (see
+            :mod:`~smolora_mlflow.registry.semver`); greater than every existing one.
 
     Returns:
-        The new ModelVersion. MLflow's store assigns the number, so concurrent calls never collide.
+        The new ModelVersion, tagged with its semver. MLflow's store assigns the number, so concurrent
+        calls never collide.
 
     Example:
         >>> register("runs:/0a1b.../model", "reviews-lora").tags["smolora.param.lora_r"]  # doctest: +SKIP
@@ -78,19 +82,17 @@ def register(model_uri_or_run_id: str, name: str, *, description: str | None = N
     path = model_uri_or_run_id.removeprefix("runs:/").strip("/").partition("/")[2] or None
     digest = manifest.for_registration(client, run, model_id, path)  # recorded when the model was logged
     version_tags = core.check_tags({**core.lineage_tags(run, model_id), **({manifest.TAG: digest} if digest else {}),
-                                    **{str(k): str(v) for k, v in (tags or {}).items()}})
+                                    **{str(k): str(v) for k, v in (tags or {}).items()},
+                                    **semvers.creation_tags(client, name, run, semver)})
     text = description or core.model_card(client, artifact_uri) or core.summary(run, source)
-    created = _create_model(client, name)
-    try:  # one write: the version and all its tags
+    created, mv = _create_model(client, name), None
+    try:  # the version with all its tags in one write, then its semver tags and alias
         mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags, model_id=model_id,
                                          description=text[:_MAX_DESCRIPTION],
                                          await_creation_for=await_registration_for)
+        mv = semvers.assign(client, mv)
     except BaseException:
-        if created:  # leave the store as it was: no empty model left behind
-            try:
-                client.delete_registered_model(name)
-            except MlflowException as e:
-                _logger.error("Could not remove the registered model %r created for a failed version: %s", name, e)
+        _unregister(client, name, mv, created)
         raise
     _logger.info("Registered %s version %s from %s", name, mv.version, source)
     return mv
@@ -107,6 +109,20 @@ def _create_model(client: MlflowClient, name: str) -> bool:
         if not core.has_code(e, RESOURCE_ALREADY_EXISTS, ALREADY_EXISTS):
             raise
         return False
+
+
+def _unregister(client: MlflowClient, name: str, mv: ModelVersion | None, created: bool) -> None:
+    """Undo a registration that failed part-way: the new version (its tags and alias go with it) and the
+    registered model if this call created it. The store then holds what it held before, except that MLflow
+    does not hand out the deleted version's number again."""
+    undo = ([lambda: client.delete_model_version(name, str(mv.version))] if mv is not None else []) + (
+        [lambda: client.delete_registered_model(name)] if created else [])
+    for step in undo:
+        try:
+            step()
+        except MlflowException as e:
+            if not core.has_code(e, RESOURCE_DOES_NOT_EXIST):  # semver's assign may have deleted it already
+                _logger.error("Could not undo the failed registration of model %r: %s", name, e)
 
 
 # --- transitions and their history --------------------------------------------------------------------
