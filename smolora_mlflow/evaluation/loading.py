@@ -126,13 +126,12 @@ def load_for_inference(ref: str | os.PathLike, *, device: str = "auto") -> Loade
 
 
 def _load_mlflow_model(uri: str, device: str) -> LoadedModel:
-    import mlflow
-
     from smolora_mlflow import flavor
+    from smolora_mlflow.models.integrity import open_verified
 
-    model, tokenizer = flavor.load_model(uri, device=device)
-    conf = mlflow.models.get_model_info(uri).flavors.get(C.FLAVOR_NAME) or {}
-    return LoadedModel(model.eval(), tokenizer, uri, conf.get("prompt_format") or "plain")
+    vm = open_verified(uri, defer_file_hashes=True)  # the one integrity check of this load
+    model, tokenizer = flavor.load_model(vm, device=device)
+    return LoadedModel(model.eval(), tokenizer, uri, vm.conf.get("prompt_format") or "plain")
 
 
 def _load_hf(path: str, device: str, *, source: str) -> LoadedModel:

@@ -35,6 +35,7 @@ from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor import files
 from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS
 from smolora_mlflow.models import manifest
+from smolora_mlflow.models.folder_checks import FLAVOR_MODULE, hash_tree
 
 _logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def save_model(
             raise invalid_input(
                 f"`prompt_format` must be 'chat' or 'plain', got {prompt_format!r}.")
         conf.update(prompt_format=prompt_format, generation_defaults=defaults,
-                    max_new_tokens_limit=max_new_tokens_limit,
+                    code_sha256=hash_tree(path / code_subpath), max_new_tokens_limit=max_new_tokens_limit,
                     max_prompt_tokens=max_prompt_tokens, context_length=files.context_length(config_dir))
         mlflow_model = mlflow_model or Model()
         _save_example(mlflow_model, files.default_input_example(defaults) if input_example is None
@@ -136,7 +137,7 @@ def save_model(
             mlflow_model.metadata = metadata
         card = model_card or files.model_card(conf, Path(conf["base_model"] or path.name).name + " (smolora)")
         (path / ARTIFACT_MODEL_CARD).write_text(card, encoding="utf-8")
-        pyfunc.add_to_model(mlflow_model, loader_module=__name__, data=conf["data"], code=code_subpath,
+        pyfunc.add_to_model(mlflow_model, loader_module=FLAVOR_MODULE, data=conf["data"], code=code_subpath,
                             conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME, streamable=True,
                             model_config=dict.fromkeys(MODEL_CONFIG_KEYS))
         mlflow_model.add_flavor(FLAVOR_NAME, code=code_subpath, **conf)
