@@ -17,10 +17,10 @@ The checks, in the order they run (their names are what :attr:`VerifiedModel.che
 1. ``mlmodel``: the folder has an MLmodel with a ``smolora`` block.
 2. ``loader``: ``python_function.loader_module`` is ``smolora_mlflow.flavor`` and the code and data keys
    name the model's own folders (another loader runs other code: a pickle, for one).
-3. ``hash-list``: ``file_sha256`` lists every file with its sha256 (an empty or missing list is refused).
-4. ``digest``: the manifest digest equals the one on record (:mod:`.manifest`): the registered version's
+3. ``digest``: the manifest digest equals the one on record (:mod:`.manifest`): the registered version's
    or run's or LoggedModel's for ``models:/`` and ``runs:/``; the one ``smolora serve`` looked up, in its
    server; for a plain folder, best effort, the LoggedModel its MLmodel names.
+4. ``hash-list``: ``file_sha256`` lists every file with its sha256 (an empty or missing list is refused).
 5. ``links``: no symbolic link in the folder points outside it.
 6. ``unlisted``: the data folder holds no file the manifest does not list.
 7. ``code``: the shipped ``code`` folder holds exactly the files hashed at save time (format 2 on).
@@ -32,7 +32,7 @@ The checks, in the order they run (their names are what :attr:`VerifiedModel.che
 Example:
     >>> vm = open_verified("models:/reviews@production")                      # doctest: +SKIP
     >>> vm.uri, vm.checks[:3]                                                  # doctest: +SKIP
-    ('models:/reviews/3', ['mlmodel', 'loader', 'hash-list'])
+    ('models:/reviews/3', ['mlmodel', 'loader', 'digest'])
 """
 
 from __future__ import annotations
@@ -230,11 +230,11 @@ def _check(vm: VerifiedModel, defer_file_hashes: bool) -> None:
     root, conf = vm.root, vm.conf
     checks.check_loader(root, vm.flavors)
     vm.checks.append("loader")
-    hashes = checks.check_hash_list(root, conf)
-    vm.checks.append("hash-list")
     expected = vm.expected if vm.expected.source is not None else _recorded_for_folder(vm.mlmodel)
     manifest.check(vm.flavors, expected)
     vm.checks.append("digest")
+    hashes = checks.check_hash_list(root, conf)
+    vm.checks.append("hash-list")
     checks.refuse_escaping_links(root)
     vm.checks.append("links")
     checks.refuse_unlisted_files(root / conf["data"], hashes, f"{FLAVOR_NAME}.file_sha256")
