@@ -193,7 +193,7 @@ def log_model(
     if kwargs.get("run_id") and "model_id" not in kwargs:
         kwargs["model_id"] = _logged_model_in_runs_experiment(name, kwargs["run_id"], kwargs)
     info = Model.log(
-        artifact_path=None, name=name, flavor=sys.modules["smolora_mlflow.flavor"], flavor_name=FLAVOR_NAME,
+        artifact_path=None, name=name, flavor=sys.modules[FLAVOR_MODULE], flavor_name=FLAVOR_NAME,
         registered_model_name=registered_model_name, await_registration_for=await_registration_for,
         metadata=metadata, model_dir=model_dir, model=model, tokenizer=tokenizer, mode=mode,
         adapter_dir=adapter_dir, base_model=base_model, base_model_revision=base_model_revision,
