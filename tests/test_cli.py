@@ -422,6 +422,20 @@ def test_serve_builds_the_guarded_server_command(argv, uri, capsys):
     assert cmd[5:] == ["-m", uri, "--env-manager", "uv", "-h", "127.0.0.1", "-p", "5123"]
 
 
+def test_serve_api_key_is_checked_and_never_on_the_command_line(capsys, monkeypatch):
+    monkeypatch.delenv("SMOLORA_SERVE_API_KEY", raising=False)
+    assert main(["serve", "reviews", "--api-key", "k3y-Secret-1", "--dry_run"]) == 0
+    assert "k3y-Secret-1" not in capsys.readouterr().out
+    for argv, message in [(["--api_key", ""], "--api_key is set but empty"),
+                          (["--api_key", "two words"], "printable ASCII without spaces"),
+                          (["--api_key", "k3y-Secret-1", "--env_manager", "uv"], "needs the local server")]:
+        assert main(["serve", "reviews", *argv, "--dry_run"]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setenv("SMOLORA_SERVE_API_KEY", "")  # a templated, unset variable: fail closed
+    assert main(["serve", "reviews", "--dry_run"]) == 2
+    assert "SMOLORA_SERVE_API_KEY is set but empty" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_serve_starts_a_server_that_answers(store, tmp_path):
     import requests

@@ -371,20 +371,42 @@ def serve_command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def _serve_api_key(args: argparse.Namespace, env: dict[str, str]) -> str | None:
+    """The server's API key (``--api_key``, else ``SMOLORA_SERVE_API_KEY``), put in ``env`` for the server:
+    the environment, not argv, which every local user can read."""
+    from smolora_mlflow.serving.auth import ENV_API_KEY, api_key_from_env, check_api_key
+
+    try:
+        key = check_api_key(args.api_key, "--api_key") if args.api_key is not None else api_key_from_env(env)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if key is not None and args.env_manager != "local":  # fail closed: mlflow models serve has no such check
+        raise UsageError(f"an API key needs the local server; `mlflow models serve` (--env_manager "
+                         f"{args.env_manager}) would serve without it. Use --env_manager local.")
+    if key is not None:
+        env[ENV_API_KEY] = key
+    return key
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cmd = serve_command(args)
+    env = dict(os.environ)
+    key = _serve_api_key(args, env)  # checked before a dry run too; never part of the printed command
     if parse_bool("dry_run", args.dry_run):
         import shlex
 
         print(shlex.join(cmd))
         return 0
-    env = dict(os.environ)
     if args.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = args.tracking_uri
     if args.env_manager != "local":
         _err(f"==> note: with --env_manager {args.env_manager} this is plain `mlflow models serve`, without the "
              "request guard and manifest-digest check of the local server")
-    _err(f"==> serving {serve_uri(args)} at http://{args.host}:{args.port}/invocations (Ctrl-C stops it)")
+    elif key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        _err(f"==> warning: serving on {args.host} without an API key; anyone who can reach it can use it "
+             "(set SMOLORA_SERVE_API_KEY or --api_key)")
+    _err(f"==> serving {serve_uri(args)} at http://{args.host}:{args.port}/invocations"
+         f"{' (API key required)' if key else ''} (Ctrl-C stops it)")
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:

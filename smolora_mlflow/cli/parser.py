@@ -305,6 +305,10 @@ def _add_serving_commands(subs) -> None:
     p.add_argument("--workers", type=int, help="Server worker processes.")
     p.add_argument("--env_manager", default="local", choices=("local", "virtualenv", "uv", "conda"),
                    help="Environment for the server (default: local, this Python).")
+    p.add_argument("--api_key", metavar="KEY",
+                   help="Require `Authorization: Bearer KEY` on every route but /ping and /health (401 otherwise); "
+                        "default: $SMOLORA_SERVE_API_KEY. The server gets it through its environment, never its "
+                        "command line; prefer the variable, as this command's own line is visible in `ps`.")
     _flag(p, "dry_run", "Print the server command instead of running it.")
     _tracking_option(p)
 

@@ -22,7 +22,7 @@ from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor.adapter_set import _fetch
 from smolora_mlflow.models import manifest
 from smolora_mlflow.models.integrity import VerifiedModel
-from smolora_mlflow.models.pretrained import quiet_upstream_deprecations
+from smolora_mlflow.models.pretrained import load_causal_lm, quiet_upstream_deprecations
 
 logger = logging.getLogger(__name__)
 
@@ -165,20 +165,20 @@ def _check_format(name: str, resolved: VerifiedModel, prompt_format: str) -> Non
 
 
 def load(vm: VerifiedModel, *, device, torch_dtype, base_model_path: str | None,
-         refresh_seconds: float | None = None) -> tuple[Any, Any, AdapterPool]:
+         refresh_seconds: float | None = None, hub_kernels: bool = False) -> tuple[Any, Any, AdapterPool]:
     """(PeftModel with every adapter, tokenizer, pool) for an adapter set the integrity gate opened.
 
     Its references come from the MLmodel, which the gate compared with the hashed ``adapters.json``;
     each adapter is opened through the gate in turn.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     conf, model_root = vm.conf, vm.root
     vm.data_dir  # noqa: B018 - the set's own file hashes, checked before anything else is read
     refs = {str(k): str(v) for k, v in conf["adapters"].items()}
     base_dir = vm.base_dir(base_model_path)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
+    base = load_causal_lm(base_dir, dtype=torch_dtype, hub_kernels=hub_kernels)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     with tempfile.TemporaryDirectory() as tmp:
         base_sha = conf.get("base_model_sha256")

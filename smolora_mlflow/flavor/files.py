@@ -35,7 +35,7 @@ from smolora_mlflow.config import DEMO_MODEL
 from smolora_mlflow.constants import FLAVOR_NAME
 from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor.inputs import OUTPUT_COLUMN, PARAM_TYPES, PROMPT_COLUMN, validate_params
-from smolora_mlflow.models.folder_checks import hash_tree, refuse_escaping_links
+from smolora_mlflow.models.folder_checks import hash_tree, read_mlmodel, refuse_escaping_links, require_smolora
 from smolora_mlflow.models.generation import GENERATION_DEFAULTS
 from smolora_mlflow.models.manifest import FORMAT_VERSION
 from smolora_mlflow.models.pretrained import local_base_dir
@@ -53,6 +53,14 @@ EXAMPLE_PROMPT = "Once upon a time"
 MODES = ("merged", "adapter")
 DATA_SUBPATH = {"merged": "model", "adapter": "adapter"}
 _SELF_DISTRIBUTIONS = {"smolora-mlflow", "smolora_mlflow"}
+
+
+def read_flavor_conf(model_root: str | Path) -> dict[str, Any]:
+    """The ``smolora`` block of a model folder's MLmodel, unchecked (loads check it through the gate)."""
+    root = Path(model_root)
+    mlmodel = read_mlmodel(root)
+    require_smolora(root, mlmodel, None)
+    return mlmodel["flavors"][FLAVOR_NAME]
 
 
 def _refuse_pickle(files: list[Path]) -> None:

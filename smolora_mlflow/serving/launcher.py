@@ -9,7 +9,8 @@ package's flavor, links may not leave the folder, every file is hashed. A refusa
 naming the version, file or MLmodel key, before anything loads. Only smolora models are served.
 
 The server process gets the digest (``SMOLORA_MANIFEST_SHA256``), so its loader checks the files again
-against it, and ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, so no pickle is ever unpickled in it.
+against it, and ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, so no pickle is ever unpickled in it. An API
+key (``SMOLORA_SERVE_API_KEY``) is passed on in the environment only, never on a command line.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def server_environment(model_uri: str, timeout: int | None = None) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mlflow.exceptions import MlflowException
+
+    from smolora_mlflow.serving.auth import api_key_from_env
+
+    try:  # a bad SMOLORA_SERVE_API_KEY stops here, before the download; the key stays in the environment
+        api_key_from_env()
+    except ValueError as e:
+        print(f"smolora serve: {e}", file=sys.stderr, flush=True)
+        return 2
 
     try:
         env = server_environment(args.model_uri, args.timeout)
