@@ -336,7 +336,8 @@ def test_summary_links_runs_to_the_ui_of_an_http_tracking_server(monkeypatch):
 
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://mlflow.example:5000/")
     monkeypatch.setattr(mlflow, "MlflowClient", Client)
-    assert _commands._ui_link("abc") == "http://mlflow.example:5000/#/experiments/7/runs/abc"
+    assert _commands._ui_link("abc") == ("http://mlflow.example:5000/#/experiments/7/runs/abc"
+                                         "?workflowType=machine_learning")  # opens the training view
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "sqlite:///x.db")
     assert _commands._ui_link("abc") == ""
 

@@ -49,8 +49,9 @@ def _ui_link(run_id: str | None) -> str:
     uri = mlflow.get_tracking_uri()
     if not run_id or not uri.startswith(("http://", "https://")):
         return ""
-    exp = mlflow.MlflowClient().get_run(run_id).info.experiment_id
-    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    from smolora_mlflow.tracking.experiments import run_ui_url
+
+    return run_ui_url(uri, mlflow.MlflowClient().get_run(run_id).info.experiment_id, run_id)
 
 
 def _print_summary(title: str, rows: list[tuple[str, Any]]) -> None:
@@ -210,8 +211,12 @@ def cmd_register(args: argparse.Namespace) -> int:
     ref = args.model
     if is_run_id(ref):  # a pipeline's parent run points to the run that logged the model
         ref = logged_model_uri_of_run(ref) or ref
-    mv = registry.register(ref, args.name, description=args.description)
+    mv = registry.register(ref, args.name, description=args.description, semver=args.semver)
+    semver = mv.tags.get(registry.TAG_SEMVER)
     print(f"Registered {args.name} version {mv.version}  (models:/{args.name}/{mv.version}, source {mv.source})")
+    if semver:
+        print(f"  semver {semver}: {mv.tags.get(registry.TAG_SEMVER_REASON, '')}  (models:/{args.name}@"
+              f"{registry.semver_alias(semver)})")
     return 0
 
 
@@ -220,7 +225,8 @@ def cmd_transition(args: argparse.Namespace) -> int:
     _use_tracking_uri(args.tracking_uri)
     from smolora_mlflow import registry
 
-    mv = registry.transition(args.name, args.version, args.stage, archive_existing=archive, reason=args.reason)
+    version = _version(registry, args.name, args.version)
+    mv = registry.transition(args.name, version, args.stage, archive_existing=archive, reason=args.reason)
     aliases = f" (aliases: {', '.join(mv.aliases)})" if mv.aliases else ""
     print(f"{args.name} version {mv.version} is now in {mv.current_stage}{aliases}")
     return 0
@@ -353,6 +359,13 @@ def serve_uri(args: argparse.Namespace) -> str:
         if ref.kind == "run" and ref.artifact_path is None:
             return f"runs:/{ref.run_id}/model"
         return f"models:/{ref.model_id}" if ref.kind == "logged_model" else model
+    from smolora_mlflow.registry.semver import alias, parse
+
+    if "@" in model and not (args.alias or args.stage or args.version):  # NAME@ALIAS, NAME@1.2.0
+        model, _, key = model.rpartition("@")
+        return f"models:/{model}@{alias(key) if parse(key) else key}"
+    if args.version and parse(args.version):  # MLflow resolves a semver through its alias
+        return f"models:/{model}@{alias(args.version)}"
     if args.stage or args.version:
         return f"models:/{model}/{args.stage or args.version}"
     return f"models:/{model}@{args.alias or 'production'}"
