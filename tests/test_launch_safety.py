@@ -48,9 +48,9 @@ def test_every_serve_command_is_argv_with_the_name_intact(model, capsys):
 ])
 def test_artifact_paths_that_climb_out_are_refused_naming_the_path(tracking_uri, tmp_path, uri, capsys):
     from smolora_mlflow import flavor, registry
-    from smolora_mlflow.models import manifest
+    from smolora_mlflow.models import integrity, manifest
 
-    for load in (manifest.resolve, manifest.download_checked, flavor.load_model,
+    for load in (manifest.resolve, integrity.open_verified, flavor.load_model,
                  lambda u: registry.register(u, "m")):
         with pytest.raises(MlflowException, match="contains '..'") as e:
             load(uri)
