@@ -65,6 +65,12 @@ class NullTracker:
     def finish(self, trainer, adapter_dir, metrics) -> None:
         pass
 
+    def log_upstream_configs(self, lora_config, trainer_args) -> None:
+        pass
+
+    def log_table_rows(self, rows: list[dict], artifact_file: str) -> None:
+        pass
+
 
 class RunTracker:
     """Owns one MLflow run for one training."""
@@ -265,14 +271,27 @@ class RunTracker:
     def _description(self) -> str:
         cfg, data = self.cfg, self.data
         steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epoch(s)"
+        recipe = "LoRA fine-tune" if cfg.method == "sft" else f"LoRA {cfg.method.upper()} training"
         return (
-            f"LoRA fine-tune of `{cfg.base_model}` on `{data.name}` ({data.num_train} train / {data.num_eval} "
+            f"{recipe} of `{cfg.base_model}` on `{data.name}` ({data.num_train} train / {data.num_eval} "
             f"eval rows, {data.format} format): r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, "
-            f"targets={','.join(cfg.lora_target_modules)}, lr={cfg.learning_rate:g}, {steps}, "
+            f"targets={_targets_text(cfg.lora_target_modules)}, lr={cfg.learning_rate:g}, {steps}, "
             f"batch {cfg.per_device_train_batch_size}x{cfg.gradient_accumulation_steps}, seed {cfg.seed}."
         )
 
     # --- during training ---
+    def log_upstream_configs(self, lora_config, trainer_args) -> None:
+        """The complete resolved ``LoraConfig`` and TRL config, as JSON artifacts (every field, defaults too)."""
+        from smolora_mlflow.tracking.record import upstream_config_json
+
+        self._put("text", text=upstream_config_json(lora_config), artifact_file=C.ARTIFACT_LORA_CONFIG)
+        self._put("text", text=upstream_config_json(trainer_args), artifact_file=C.ARTIFACT_TRAINER_CONFIG)
+
+    def log_table_rows(self, rows: list[dict], artifact_file: str) -> None:
+        """Append rows (each with a ``step``) to one of the run's ``log_table`` tables."""
+        if rows:
+            self._put("table", rows=rows, artifact_file=artifact_file)
+
     def callbacks(self) -> list:
         from smolora_mlflow.tracking.callback import MlflowTrainingCallback
 
@@ -417,6 +436,10 @@ def _forget_active_run() -> None:
     stop = getattr(monitor, "_shutdown_event", None)  # not finish(): it joins, then flushes to the dead server
     if stop is not None:
         stop.set()
+
+
+def _targets_text(targets: list[str] | str) -> str:
+    return targets if isinstance(targets, str) else ",".join(targets)
 
 
 def _same_param(a: str, b: str) -> bool:

@@ -20,12 +20,13 @@ from typing import Any
 from transformers.trainer_callback import ProgressCallback
 
 from smolora_mlflow.config import SmoloraConfig
-from smolora_mlflow.data import PreparedData, as_chat, prepare_data
+from smolora_mlflow.data import PreparedData, as_chat, prepare_data, prepare_method_data
 from smolora_mlflow.models import generation, pretrained
 from smolora_mlflow.models.adapters import BASE_INFO_FILE
 from smolora_mlflow.train import checkpoints
 from smolora_mlflow.train.checkpoint_models import CheckpointModels
-from smolora_mlflow.train.upstream import get_lora_config, get_sft_config
+from smolora_mlflow.train.methods import build_method_trainer
+from smolora_mlflow.train.upstream import get_lora_config, get_trainer_config
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ class SmoLoRA:
     def prepare(self) -> PreparedData:
         """Load and validate the dataset (done once; train() calls it)."""
         if self.data is None:
-            self.data = prepare_data(self.config, self._dataset_obj)
+            prepare = prepare_data if self.config.method == "sft" else prepare_method_data
+            self.data = prepare(self.config, self._dataset_obj)
         return self.data
 
     def _load_base(self):
@@ -133,10 +135,13 @@ class SmoLoRA:
             self._checkpoint_models = (CheckpointModels(self, lambda: tracker.run_id, tracker.reachable)
                                        if run_id and cfg.checkpoint_models and cfg.save_steps > 0 else None)
             trainer = self._build_trainer(model, tokenizer, train_data, tracker)
-            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            with pretrained.quiet_upstream_deprecations():  # TRL's trainers read a deprecated transformers name
+                output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             metrics = dict(output.metrics)
             if data.eval is not None:
-                metrics.update(_with_perplexity(_final_eval(trainer)))
+                final = _final_eval(trainer)
+                # DPO/KTO/GRPO losses are not a token NLL, so they have no perplexity.
+                metrics.update(_with_perplexity(final) if cfg.method == "sft" else final)
             self._save_adapter(trainer, tokenizer)  # before anything else talks to the tracking server
             if self._checkpoint_models is not None:
                 self.checkpoint_roles = self._checkpoint_models.finish(cfg.save_total_limit)
@@ -146,28 +151,19 @@ class SmoLoRA:
         return TrainResult(self.adapter_dir, run_id, trainer.state.global_step, metrics)
 
     def _build_trainer(self, model, tokenizer, data: PreparedData, tracker):
-        sft_args = get_sft_config(self.config, device=self.device.type, dtype=self.dtype,
+        cfg = self.config
+        args = get_trainer_config(cfg, device=self.device.type, dtype=self.dtype,
                                   has_eval=data.eval is not None, output_dir=str(self.output_dir))
+        lora_config = get_lora_config(cfg)
         # The tracker's on_save delivers the metrics up to a checkpoint before the marker makes it resumable.
         publish = self._checkpoint_models.log if self._checkpoint_models is not None else None
         callbacks = [*tracker.callbacks(), checkpoints.CheckpointMarkerCallback(lambda: tracker.run_id, publish)]
         with pretrained.quiet_upstream_deprecations():
-            trainer = self._make_sft_trainer(model, sft_args, data, tokenizer, callbacks)
+            trainer = build_method_trainer(cfg.method, model=model, args=args, data=data, tokenizer=tokenizer,
+                                           peft_config=lora_config, callbacks=callbacks, tracker=tracker, cfg=cfg)
         _drop_stock_mlflow_callback(trainer)
+        tracker.log_upstream_configs(lora_config, args)
         return trainer
-
-    def _make_sft_trainer(self, model, sft_args, data: PreparedData, tokenizer, callbacks):
-        from trl import SFTTrainer
-
-        return SFTTrainer(
-            model=model,
-            args=sft_args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            peft_config=get_lora_config(self.config),
-            callbacks=callbacks,
-        )
 
     def _save_adapter(self, trainer, tokenizer) -> None:
         import json
