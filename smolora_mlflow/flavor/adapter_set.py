@@ -110,7 +110,18 @@ def _fetch(name: str, uri: str, base_sha256: str | None, dst: str | None = None,
             "adapter of a set must be trained on the same base model. Remove it or retrain it on that base.",
             error_code=INVALID_STATE)
     files.verify_files(local / conf["data"], conf.get("file_sha256") or {})
+    _check_mixed_batches(name, expected.uri, files.read_json(local / conf["data"] / "adapter_config.json"))
     return _Resolved(expected.uri, local, conf)
+
+
+def _check_mixed_batches(name: str, uri: str, adapter_config: Mapping[str, Any]) -> None:
+    """Refuse an adapter PEFT's mixed-adapter batches cannot run: PEFT 0.21's ``LoraLayer._check_forward_args``
+    raises "Cannot pass `adapter_names` when DoRA is enabled", and a set serves every request that way."""
+    if adapter_config.get("use_dora"):
+        raise invalid_input(
+            f"Adapter `{name}` ({uri}) is a DoRA adapter (`use_dora: true`); PEFT cannot serve DoRA in mixed-adapter "
+            "batches, which an adapter set uses. Serve it on its own (mode='adapter' or merged), or retrain it "
+            "without `peft.use_dora`.")
 
 
 def _storage_uri(client, uri: str) -> str:

@@ -27,6 +27,7 @@ from smolora_mlflow.train import checkpoints
 from smolora_mlflow.train.checkpoint_models import CheckpointModels
 from smolora_mlflow.train.methods import build_method_trainer
 from smolora_mlflow.train.upstream import get_lora_config, get_trainer_config
+from smolora_mlflow.train.variants import INITIAL_ADAPTER_DIR, InitialAdapterCallback, needs_conversion, save_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,8 @@ class SmoLoRA:
         # The tracker's on_save delivers the metrics up to a checkpoint before the marker makes it resumable.
         publish = self._checkpoint_models.log if self._checkpoint_models is not None else None
         callbacks = [*tracker.callbacks(), checkpoints.CheckpointMarkerCallback(lambda: tracker.run_id, publish)]
+        if needs_conversion(cfg.peft):
+            callbacks.append(InitialAdapterCallback(self.output_dir / INITIAL_ADAPTER_DIR))
         with pretrained.quiet_upstream_deprecations():
             trainer = build_method_trainer(cfg.method, model=model, args=args, data=data, tokenizer=tokenizer,
                                            peft_config=lora_config, callbacks=callbacks, tracker=tracker, cfg=cfg)
@@ -171,7 +174,8 @@ class SmoLoRA:
         if not trainer.is_world_process_zero():
             return
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(self.adapter_dir, safe_serialization=True)
+        initial = self.output_dir / INITIAL_ADAPTER_DIR if needs_conversion(self.config.peft) else None
+        save_adapter(trainer.model, self.adapter_dir, initial)
         tokenizer.save_pretrained(self.adapter_dir)
         info = {**self.base_info, "architecture": type(trainer.model.get_base_model()).__name__}
         (self.adapter_dir / BASE_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
