@@ -234,3 +234,38 @@ def test_variant_adapters_merge_into_the_original_base(peft, tmp_path, demo_mode
     base = AutoModelForCausalLM.from_pretrained(demo_model_dir)
     assert torch.allclose(_logits(merged, tok), _logits(on_base.eval(), tok), atol=1e-4)
     assert not torch.allclose(_logits(merged, tok), _logits(base, tok), atol=1e-4)  # training did something
+
+
+def test_dora_adapter_packages_registers_serves_and_is_refused_in_an_adapter_set(tracking_uri, tmp_path,
+                                                                                demo_model_dir):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smolora_mlflow import flavor
+    from smolora_mlflow.flavor import adapter_set
+    from smolora_mlflow.models.pretrained import quiet_upstream_deprecations
+
+    torch.manual_seed(0)
+    adapter = tmp_path / "dora"
+    with quiet_upstream_deprecations():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_model_dir),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                          init_lora_weights=False))
+        model.save_pretrained(adapter)
+    with mlflow.start_run():
+        info = flavor.log_model("model", mode="adapter", adapter_dir=adapter, base_model=str(demo_model_dir),
+                                pip_requirements=["torch", "transformers", "peft"], registered_model_name="dora")
+    conf = mlflow.models.Model.load(info.model_uri).flavors["smolora"]
+    assert conf["lora"]["use_dora"] is True
+    served = mlflow.pyfunc.load_model("models:/dora/1").predict({"prompt": ["The soup was"]},
+                                                                params={"max_new_tokens": 4})
+    tok = AutoTokenizer.from_pretrained(demo_model_dir)
+    native = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_model_dir), adapter).eval()
+    ids = tok("The soup was", return_tensors="pt")
+    with torch.no_grad():
+        out = native.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert served["generated_text"][0] == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    with pytest.raises(MlflowException, match=r"DoRA adapter .*mixed-adapter batches"):
+        adapter_set.save_model(tmp_path / "set", {"dora": "models:/dora/1"})

@@ -71,6 +71,29 @@ def prepare_method_data(cfg: SmoloraConfig, dataset: Any = None) -> PreparedData
                         fingerprint=_fingerprint(train_rows, eval_rows))
 
 
+def as_scored(data: PreparedData) -> PreparedData:
+    """``data`` as prompt/completion rows whose completion is the *desired* one (DPO's chosen, KTO's
+    label-true completion, GRPO's answer), so the evaluation's loss and perplexity read the same on every
+    method: how likely the fine-tuned model finds the answers it was taught to prefer. SFT data as it is."""
+    import dataclasses
+
+    if data.format not in FORMATS.values():
+        return data
+
+    def rows(ds):
+        if ds is None:
+            return None
+        out = []
+        for r in ds.to_list():
+            good = r.get("chosen") if "chosen" in r else r.get("completion") if r.get("label", True) else None
+            good = r.get(ANSWER) if data.format == "prompt_only" else good
+            if isinstance(r["prompt"], str) and isinstance(good, str) and good.strip():
+                out.append({"prompt": r["prompt"], "completion": good})
+        return _dataset(out, str(ds.split)) if out else None
+
+    return dataclasses.replace(data, train=rows(data.train), eval=rows(data.eval), format="prompt_completion")
+
+
 def _extra_hint(method: str) -> str:
     return {"dpo": ", each plain text or chat messages",
             "kto": " (label true/false), or a pair set with `chosen`/`rejected`",
