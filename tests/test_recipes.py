@@ -269,3 +269,46 @@ def test_dora_adapter_packages_registers_serves_and_is_refused_in_an_adapter_set
     assert served["generated_text"][0] == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     with pytest.raises(MlflowException, match=r"DoRA adapter .*mixed-adapter batches"):
         adapter_set.save_model(tmp_path / "set", {"dora": "models:/dora/1"})
+
+
+# ----------------------------------------------------------------------------------------------------
+# QLoRA
+
+
+def _bitsandbytes_skip_reason() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (optional extra `qlora`: pip install 'smolora-mlflow[qlora]')"
+    return None
+
+
+def test_quantization_on_an_unsupported_device_fails_before_any_work(tmp_path):
+    from smolora_mlflow.train.upstream import check_quantization
+
+    with pytest.raises(ValueError, match=r"runs on cuda or cpu with bitsandbytes; the device is 'mps'"):
+        check_quantization("4bit", "mps")
+    if _bitsandbytes_skip_reason():
+        with pytest.raises(ValueError, match=r"needs bitsandbytes, which is not installed \(device 'cpu'\)"):
+            SmoLoRA(config=SmoloraConfig(quantization="4bit", device="cpu", output_dir=str(tmp_path)))
+
+
+@pytest.mark.skipif(_bitsandbytes_skip_reason() is not None, reason=str(_bitsandbytes_skip_reason()))
+def test_qlora_4bit_trains_and_merges_into_the_unquantized_base(tracking_uri, tmp_path, sharp_llama_dir):
+    """NF4 on CPU needs bitsandbytes' CPU backend and layer widths its packed kernel takes (multiples of 64)."""
+    import mlflow
+
+    cfg = SmoloraConfig(**RECIPE, base_model=str(sharp_llama_dir), quantization="4bit", device="cpu",
+                        max_steps=2, per_device_train_batch_size=4, max_samples=8, learning_rate=0.01,
+                        output_dir=str(tmp_path / "q"))
+    lora = SmoLoRA(config=cfg)
+    result = lora.train()
+    assert type(lora.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    lora.save()  # merged into the float32 base and verified against the adapter on it
+    assert lora.quantization_error is not None and lora.quantization_error > 0
+    with mlflow.start_run(run_id=result.run_id):
+        info = lora.log_model(mode="merged", pip_requirements=["torch", "transformers"])
+    block = mlflow.models.Model.load(info.model_uri).flavors["smolora"]["lora"]["quantization"]
+    assert block["bnb_4bit_quant_type"] == "nf4" and block["bnb_4bit_use_double_quant"] is True
+    assert block["max_abs_logit_diff_vs_quantized"] == pytest.approx(lora.quantization_error)
+    assert mlflow.MlflowClient().get_run(result.run_id).data.params["quantization"] == "4bit"

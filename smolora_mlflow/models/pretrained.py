@@ -102,8 +102,12 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     dtype: Any = None,
     device: Any = None,
+    quantization_config: Any = None,
 ):
-    """Load a causal LM with safetensors only; a clear error when the folder is not a causal LM."""
+    """Load a causal LM with safetensors only; a clear error when the folder is not a causal LM.
+
+    ``quantization_config`` (a ``BitsAndBytesConfig``) loads it quantized, placed on ``device`` (default cpu).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -122,6 +126,8 @@ def load_causal_lm(
             trust_remote_code=trust_remote_code,
             dtype=dtype,
             use_safetensors=True,
+            **({"quantization_config": quantization_config, "device_map": {"": str(device or "cpu")}}
+               if quantization_config is not None else {}),
         )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
@@ -130,7 +136,7 @@ def load_causal_lm(
                 "pass a model with a language-modelling head (e.g. a Llama, Qwen or SmolLM checkpoint)."
             ) from e
         raise
-    if device is not None:
+    if device is not None and quantization_config is None:  # a quantized model was placed by device_map
         model.to(device)
     return model
 

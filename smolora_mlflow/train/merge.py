@@ -96,3 +96,14 @@ def merge_adapter(
     tokenizer.save_pretrained(out)
     logger.info("Merged %s into %s -> %s (max |dlogit| %.2e)", adapter_dir, name, out, diff)
     return MergeReport(out, name, diff, len(probes))
+
+
+def quantization_error(quantized_model, merged_model, tokenizer, probes: list[str] | None = None) -> float:
+    """Largest absolute logit difference between the adapter on the quantized base (as trained) and the model
+    merged into the unquantized base: what quantization cost, reported rather than checked against a bound."""
+    import torch
+
+    probes = probes or PROBES
+    before, mask = _logits(quantized_model, tokenizer, probes)
+    after, _ = _logits(merged_model, tokenizer, probes)
+    return float((after.to(before.device) - before)[mask].abs().max().to(torch.float32))

@@ -26,7 +26,13 @@ from smolora_mlflow.models.adapters import BASE_INFO_FILE
 from smolora_mlflow.train import checkpoints
 from smolora_mlflow.train.checkpoint_models import CheckpointModels
 from smolora_mlflow.train.methods import build_method_trainer
-from smolora_mlflow.train.upstream import get_lora_config, get_trainer_config
+from smolora_mlflow.train.upstream import (
+    check_quantization,
+    get_bnb_config,
+    get_lora_config,
+    get_trainer_config,
+    prepare_quantized,
+)
 from smolora_mlflow.train.variants import INITIAL_ADAPTER_DIR, InitialAdapterCallback, needs_conversion, save_adapter
 
 logger = logging.getLogger(__name__)
@@ -83,6 +89,8 @@ class SmoLoRA:
         self.merged_dir = self.output_dir / MERGED_DIR
         self.device = generation.resolve_device(self.config.device)
         self.dtype = pretrained.resolve_dtype(self.config.dtype, self.device.type)
+        check_quantization(self.config.quantization, self.device.type)  # before any data or model loads
+        self.quantization_error: float | None = None  # merged vs adapter-on-quantized-base, after save()
         self.model = None
         self.tokenizer = None
         self.data: PreparedData | None = None
@@ -104,9 +112,13 @@ class SmoLoRA:
         path = pretrained.resolve_model_path(cfg.base_model)
         tokenizer = pretrained.load_tokenizer(path, revision=cfg.base_model_revision,
                                            trust_remote_code=cfg.trust_remote_code)
+        bnb = get_bnb_config(cfg.quantization)
         model = pretrained.load_causal_lm(path, revision=cfg.base_model_revision,
-                                       trust_remote_code=cfg.trust_remote_code, dtype=self.dtype)
+                                       trust_remote_code=cfg.trust_remote_code, dtype=self.dtype,
+                                       quantization_config=bnb, device=self.device if bnb is not None else None)
         self.base_info = pretrained.base_model_info(cfg.base_model, path, model)
+        if bnb is not None:
+            model = prepare_quantized(model, cfg)
         return model, tokenizer
 
     def train(self) -> TrainResult:
@@ -188,11 +200,20 @@ class SmoLoRA:
         if not (self.adapter_dir / "adapter_config.json").is_file():
             raise RuntimeError(f"no adapter at `{self.adapter_dir}`; call train() before save().")
         out = Path(path) if path else self.merged_dir
+        # A QLoRA adapter is merged into the unquantized base, in float32; the verification compares it with
+        # the adapter on that same base (exact), and the quantization error is measured against training's model.
+        quantized = self.model if self.config.quantization != "none" and self.model is not None else None
         merge_adapter(self.adapter_dir, out, base_model=self.config.base_model,
                       revision=self.config.base_model_revision,
                       trust_remote_code=self.config.trust_remote_code, verify=verify)
         self.merged_dir = out
         self.model, self.tokenizer = self.load_model(out)
+        if quantized is not None:
+            from smolora_mlflow.train.merge import quantization_error
+
+            self.quantization_error = quantization_error(quantized, self.model, self.tokenizer)
+            logger.info("Merged QLoRA model differs from the adapter on the %s base by at most %.3g in logits.",
+                        self.config.quantization, self.quantization_error)
         return out
 
     def load_model(self, path: str | os.PathLike):

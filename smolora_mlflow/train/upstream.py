@@ -102,3 +102,56 @@ def get_trainer_config(cfg: SmoloraConfig, *, device: str, dtype: Any, has_eval:
                       log_completions=False)
         cls = trl.GRPOConfig
     return cls(**{**kwargs, **cfg.trainer_args})
+
+
+# ----------------------------------------------------------------------------------------------------
+# QLoRA
+
+# bitsandbytes runs k-bit layers on CUDA, and on CPU since its multi-backend releases (0.46+; checked with
+# 0.50.2: NF4 forward and backward on CPU, for layer widths its packed CPU kernel accepts).
+QUANTIZED_DEVICES = ("cuda", "cpu")
+
+
+def check_quantization(quantization: str, device_type: str) -> None:
+    """Raise before any work when ``quantization`` cannot run: bitsandbytes missing, or an unsupported device."""
+    if quantization == "none":
+        return
+    if device_type not in QUANTIZED_DEVICES:
+        raise ValueError(f"`quantization: {quantization}` runs on {' or '.join(QUANTIZED_DEVICES)} with bitsandbytes; "
+                         f"the device is {device_type!r}. Set `device: cpu` (or cuda), or `quantization: none`.")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"`quantization: {quantization}` needs bitsandbytes, which is not installed (device "
+                         f"{device_type!r}); `pip install 'smolora-mlflow[qlora]'`, or set `quantization: none`.")
+
+
+def get_bnb_config(quantization: str):
+    """transformers' ``BitsAndBytesConfig``: NF4 with double quantization and bf16 compute (the QLoRA paper's
+    recipe), or LLM.int8(); None for ``none``."""
+    if quantization == "none":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def quantization_settings(quantization: str) -> dict[str, Any]:
+    """What a record keeps of the quantization: the method and the bitsandbytes settings that matter."""
+    if quantization == "none":
+        return {}
+    if quantization == "8bit":
+        return {"quantization": "8bit", "load_in_8bit": True, "library": "bitsandbytes"}
+    return {"quantization": "4bit", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16", "library": "bitsandbytes"}
+
+
+def prepare_quantized(model, cfg: SmoloraConfig):
+    """PEFT's ``prepare_model_for_kbit_training``: norms and head in float32, input grads for checkpointing."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.activation_checkpointing)
