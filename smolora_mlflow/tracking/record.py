@@ -50,9 +50,8 @@ def flat_params(cfg: SmoloraConfig, data) -> tuple[dict[str, str], dict[str, str
     for key, value in values.items():
         if key in _SKIP_PARAMS:
             continue
-        if key in _OPTION_PARAMS:
+        if key in _OPTION_PARAMS:  # the whole mapping too, below: every field is a param
             params.update((_OPTION_PARAMS[key] + k, _param_text(v)) for k, v in sorted(value.items()))
-            continue
         text = _param_text(value)
         if len(text) > PARAM_DISPLAY_LIMIT:
             long_values[key] = text
