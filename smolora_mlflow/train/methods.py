@@ -48,18 +48,39 @@ def build_method_trainer(method: str, *, model, args, data, tokenizer, peft_conf
 
 
 class CompletionsTableCallback(TrainerCallback):
-    """At each logged step, GRPO's sampled completions with each reward, appended to the run's table."""
+    """GRPO's sampled completions with each reward, per logged step, appended to the run's table.
 
-    def __init__(self, tracker, recorder):
+    Rows are kept in memory and written at each checkpoint, evaluation and at the end: ``log_table`` appends
+    by reading the table back and writing it whole, which on every step would cost more than the step.
+    """
+
+    def __init__(self, tracker, recorder, flush_every: int = 50):
         self.tracker = tracker
         self.recorder = recorder
+        self.flush_every = flush_every  # logged steps between writes, so a long run's table stays current
+        self._rows: list[dict] = []
+        self._logged = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
-        rows = self.recorder.take(state.global_step)
-        if rows:
-            self.tracker.log_table_rows(rows, C.ARTIFACT_COMPLETIONS)
+        self._rows.extend(self.recorder.take(state.global_step))
+        self._logged += 1
+        if self._logged % self.flush_every == 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        rows, self._rows = self._rows, []
+        self.tracker.log_table_rows(rows, C.ARTIFACT_COMPLETIONS)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._flush()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._flush()
 
 
 class PreferenceScoresCallback(TrainerCallback):
