@@ -14,6 +14,8 @@ TAG_BASE_MODEL_SHA256 = "smolora.base_model_sha256"
 TAG_DATASET = "smolora.dataset"
 TAG_DATASET_FINGERPRINT = "smolora.dataset_fingerprint"
 TAG_DEVICE = "smolora.device"
+TAG_ATTN_IMPLEMENTATION = "smolora.attn_implementation"  # sdpa, eager, flash_attention_2... as training ran
+TAG_PADDING_FREE = "smolora.padding_free"  # TRL flattened each batch into one row (packing with bfd)
 TAG_PYTHON = "smolora.python"
 TAG_VERSION_PREFIX = "smolora.version."  # + torch / transformers / peft / trl / mlflow / smolora_mlflow
 TAG_CHECKPOINT_DIR = "smolora.checkpoint_dir"
@@ -70,6 +72,7 @@ RUN_ID_FILE = "mlflow_run_id.txt"
 # Prompts: which format a run trained with, and the chat template it used.
 TAG_PROMPT_FORMAT = "smolora.prompt_format"  # chat | plain
 TAG_CHAT_TEMPLATE_SHA256 = "smolora.chat_template_sha256"
+TAG_TOKENIZER_SHA256 = "smolora.tokenizer_sha256"  # of the tokenizer's vocabulary and rules (semver MAJOR)
 ARTIFACT_CHAT_TEMPLATE = "prompt/chat_template.jinja"
 
 # Task evaluation: scores of generated answers (each also logged as BASE_PREFIX + name for the base model).

@@ -28,13 +28,12 @@ from mlflow.utils.model_utils import (
     _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
 )
-from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
 from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor import files
 from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS
-from smolora_mlflow.models import manifest
+from smolora_mlflow.models import manifest, pretrained
 
 _logger = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def get_default_pip_requirements(mode: str = "merged") -> list[str]:
     packages = ["torch", "transformers", "safetensors", "tokenizers"]
     if mode == "adapter":
         packages.append("peft")
-    return [_get_pinned_requirement(p) for p in packages]
+    return [files.pin(p) for p in packages]  # not MLflow's pinning: it warns about torch's +cpu label
 
 
 def get_default_conda_env(mode: str = "merged") -> dict[str, Any]:
@@ -73,6 +72,7 @@ def save_model(
     generation_defaults: dict[str, Any] | None = None,
     max_new_tokens_limit: int = 1024,
     max_prompt_tokens: int | None = None,
+    hub_kernels: bool = False,
     signature: ModelSignature | None = None,
     input_example: Any = None,
     pip_requirements: list[str] | str | None = None,
@@ -103,6 +103,8 @@ def save_model(
         generation_defaults: defaults for generation params (over the model's generation_config).
         max_new_tokens_limit: largest ``max_new_tokens`` a request may ask for.
         max_prompt_tokens: longest prompt (in tokens) a request may send; the context always applies.
+        hub_kernels: recorded in the flavor block; the loader then lets transformers fetch and run compiled
+            kernels from the Hugging Face Hub (``use_kernels=True``). Off: no code is downloaded.
         signature, input_example: default to ``prompt -> generated_text`` with a params schema.
         pip_requirements, extra_pip_requirements, conda_env: as in MLflow; requirements are inferred
             from the saved model when none are given.
@@ -127,8 +129,12 @@ def save_model(
         if prompt_format not in ("chat", "plain"):
             raise invalid_input(
                 f"`prompt_format` must be 'chat' or 'plain', got {prompt_format!r}.")
-        conf.update(prompt_format=prompt_format, generation_defaults=defaults,
-                    max_new_tokens_limit=max_new_tokens_limit,
+        if not isinstance(hub_kernels, bool):
+            raise invalid_input(f"`hub_kernels` must be true or false, got {hub_kernels!r}.")
+        # The dtype the weights are saved in (merged) or the base's (adapter): what the loader loads by default.
+        saved_dtype = pretrained.checkpoint_dtype(config_dir) if config_dir is not None else None
+        conf.update(prompt_format=prompt_format, generation_defaults=defaults, dtype=saved_dtype,
+                    hub_kernels=hub_kernels, max_new_tokens_limit=max_new_tokens_limit,
                     max_prompt_tokens=max_prompt_tokens, context_length=files.context_length(config_dir))
         mlflow_model = mlflow_model or Model()
         _save_example(mlflow_model, files.default_input_example(defaults) if input_example is None
@@ -170,6 +176,7 @@ def log_model(
     generation_defaults: dict[str, Any] | None = None,
     max_new_tokens_limit: int = 1024,
     max_prompt_tokens: int | None = None,
+    hub_kernels: bool = False,
     signature: ModelSignature | None = None,
     input_example: Any = None,
     pip_requirements: list[str] | str | None = None,
@@ -200,7 +207,8 @@ def log_model(
         adapter_dir=adapter_dir, base_model=base_model, base_model_revision=base_model_revision,
         base_model_sha256=base_model_sha256, lora_config=lora_config, training_run_id=training_run_id,
         prompt_format=prompt_format, model_card=model_card, generation_defaults=generation_defaults,
-        max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens, signature=signature,
+        max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens, hub_kernels=hub_kernels,
+        signature=signature,
         input_example=input_example, pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements, conda_env=conda_env, code_paths=code_paths, **kwargs,
     )

@@ -34,13 +34,14 @@ from smolora_mlflow.flavor.inputs import (
     to_prompts,
     validate_params,
 )
-from smolora_mlflow.models.generation import count_tokens, generate, stream
+from smolora_mlflow.models.generation import count_tokens, decode_settings, generate, stream, warm_up
 
 DEFAULT_ADAPTER = "default"  # the label of a single model's requests in metrics
 # What `model_config` (pyfunc.load_model, SERVING_MODEL_CONFIG) may set; the MLmodel declares each key, since
 # MLflow drops the keys a model does not declare.
 MODEL_CONFIG_KEYS = ("device", "dtype", "base_model_path", "batch_size", "coalesce_window_ms", "max_batch_size",
-                     "max_prompts_per_request", "max_prompt_chars", "server_threads", "refresh_seconds")
+                     "max_prompts_per_request", "max_prompt_chars", "server_threads", "refresh_seconds",
+                     "hub_kernels", "cache_implementation", "compile")
 
 
 def check_adapter_type(adapter: Any) -> None:
@@ -84,7 +85,8 @@ class _SmoloraPyfuncWrapper:
     def __init__(self, model, tokenizer, conf: dict[str, Any], *, batch_size: int = 8,
                  coalesce_window_ms: float | None = None, max_batch_size: int = 32,
                  max_prompts_per_request: int = 256, max_prompt_chars: int = 100_000,
-                 server_threads: int | None = None, adapters: Any = None):
+                 server_threads: int | None = None, adapters: Any = None, cache_implementation: str = "auto",
+                 compile: str | bool = "auto"):
         self.model, self.tokenizer = model, tokenizer
         self.adapters = adapters  # an AdapterSet, or None for a single model
         self.observer: Any = _NoObserver()
@@ -95,6 +97,11 @@ class _SmoloraPyfuncWrapper:
         self.context_length = getattr(model.config, "max_position_embeddings", None) or conf.get(
             "context_length")
         self.batch_size = int(batch_size)
+        try:  # generate runs batches of 1 (streams) and of batch_size: the shapes a compiled decode step needs
+            self.decode = decode_settings(model, cache_implementation, compile, (1, self.batch_size))
+        except ValueError as e:
+            raise invalid_input(str(e)) from e
+        warm_up(model, tokenizer, self.decode)  # compile now, not in the first request
         # One request must not be able to exhaust memory or hold the model for minutes.
         self.max_prompts_per_request = int(max_prompts_per_request)
         self.max_prompt_chars = int(max_prompt_chars)
@@ -147,7 +154,7 @@ class _SmoloraPyfuncWrapper:
         names = None if self.adapters is None else [self.adapters.internal(i.adapter) for i in items]
         self.observer.batch(len(items), [i.adapter for i in items], [started - i.submitted for i in items])
         texts = generate(self.model, self.tokenizer, prompts, batch_size=self.batch_size, adapter_names=names,
-                         **params)
+                         decode=self.decode, **params)
         if not isinstance(self.observer, _NoObserver):  # counting re-tokenizes every output: only for metrics
             for item, text in zip(items, texts, strict=True):
                 self.observer.tokens(item.adapter, self.count_new_tokens(text))
@@ -217,7 +224,7 @@ class _SmoloraPyfuncWrapper:
         internal = None if self.adapters is None else (lambda: self.adapters.internal(name))
         try:
             for piece in stream(self.model, self.tokenizer, prompt, lock=self._batcher.lock,
-                                adapter_name=internal, cancel=cancel, **params):
+                                adapter_name=internal, cancel=cancel, decode=self.decode, **params):
                 pieces.append(piece)
                 yield piece
         finally:

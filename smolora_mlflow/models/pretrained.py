@@ -26,12 +26,25 @@ def progress_enabled() -> bool:
     return os.environ.get("SMOLORA_PROGRESS", "1") != "0"
 
 
+_FILE_BARS = ("Loading weights", "Writing model shards")  # transformers' bars over a model's tensors
+
+
+def _no_file_bars(factory, args, kwargs):
+    if kwargs.get("desc") in _FILE_BARS:
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
+
 def silence_progress_bars_if_asked() -> None:
-    """With ``SMOLORA_PROGRESS=0``, also hide the dataset-map and weight-loading bars of datasets/transformers."""
+    """Hide transformers' per-load "Loading weights" / "Writing model shards" bars (a run loads and saves
+    models many times: checkpoints, merge, evaluation; each takes seconds at most and a bar apiece buries the
+    training and evaluation bars); with ``SMOLORA_PROGRESS=0`` every dataset-map and weight bar too."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_tqdm_hook(_no_file_bars)
     if progress_enabled():
         return
     import datasets
-    from transformers.utils import logging as hf_logging
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
@@ -96,19 +109,34 @@ def load_tokenizer(path_or_id: str, *, revision: str | None = None, trust_remote
 
 
 def load_causal_lm(
-    path_or_id: str,
+    path_or_id: str | os.PathLike,
     *,
     revision: str | None = None,
     trust_remote_code: bool = False,
     dtype: Any = None,
     device: Any = None,
-    quantization_config: Any = None,
+    hub_kernels: bool = False,
+    **from_pretrained_kwargs: Any,
 ):
-    """Load a causal LM with safetensors only; a clear error when the folder is not a causal LM.
+    """Load a causal LM with safetensors only and Hub kernels off; a clear error when it is not a causal LM.
 
-    ``quantization_config`` (a ``BitsAndBytesConfig``) loads it quantized, placed on ``device`` (default cpu).
+    Every model this project loads (training, merge, evaluation, the flavor's loader, adapter sets) comes
+    through here, so what is allowed to run is decided in one place.
+
+    Args:
+        path_or_id: a ``save_pretrained`` folder or a hub id.
+        revision, trust_remote_code: as in ``from_pretrained``.
+        dtype: a torch dtype, ``"auto"`` (the checkpoint's) or None (float32).
+        device: moved there after loading.
+        hub_kernels: let transformers replace layers with compiled kernels downloaded from the Hugging Face
+            Hub (``use_kernels=True``). transformers 5 does so by default (unless ``USE_HUB_KERNELS`` says
+            no), and ``model.train()`` on CUDA then resolves kernels from the Hub: offline that fails, online
+            it runs code nobody asked for. Off unless asked, like ``trust_remote_code``.
+        **from_pretrained_kwargs: anything else ``from_pretrained`` takes (e.g. ``quantization_config``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    path_or_id = str(path_or_id)
 
     try:
         config = AutoConfig.from_pretrained(path_or_id, revision=revision, trust_remote_code=trust_remote_code)
@@ -126,8 +154,9 @@ def load_causal_lm(
             trust_remote_code=trust_remote_code,
             dtype=dtype,
             use_safetensors=True,
-            **({"quantization_config": quantization_config, "device_map": {"": str(device or "cpu")}}
-               if quantization_config is not None else {}),
+            # Explicit, never None: None means "on" in transformers 5 (see the docstring).
+            use_kernels=bool(hub_kernels),
+            **from_pretrained_kwargs,
         )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
@@ -136,9 +165,34 @@ def load_causal_lm(
                 "pass a model with a language-modelling head (e.g. a Llama, Qwen or SmolLM checkpoint)."
             ) from e
         raise
-    if device is not None and quantization_config is None:  # a quantized model was placed by device_map
+    if device is not None:
         model.to(device)
     return model
+
+
+def checkpoint_dtype(path_or_id: str | os.PathLike, *, revision: str | None = None,
+                     trust_remote_code: bool = False) -> str | None:
+    """The dtype a checkpoint's ``config.json`` records (``dtype``, or the older ``torch_dtype``), e.g.
+    ``"bfloat16"``; None when it records none.
+
+    Example:
+        >>> checkpoint_dtype("HuggingFaceTB/SmolLM2-360M")  # doctest: +SKIP
+        'bfloat16'
+    """
+    import json
+
+    config_file = Path(path_or_id) / "config.json"
+    if config_file.is_file():
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        value = raw.get("dtype") or raw.get("torch_dtype")
+    else:
+        from transformers import AutoConfig
+
+        value = getattr(AutoConfig.from_pretrained(str(path_or_id), revision=revision,
+                                                   trust_remote_code=trust_remote_code), "dtype", None)
+    if value is None:
+        return None
+    return str(value).removeprefix("torch.")
 
 
 _LM_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")

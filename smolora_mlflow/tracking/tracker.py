@@ -30,7 +30,7 @@ from smolora_mlflow import constants as C
 from smolora_mlflow.config import SmoloraConfig
 from smolora_mlflow.constants import ARTIFACT_ERROR, TAG_ERROR
 from smolora_mlflow.redaction import redact
-from smolora_mlflow.tracking.experiments import experiment_id_for
+from smolora_mlflow.tracking.experiments import experiment_id_for, mark_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ class NullTracker:
         return []
 
     def finish(self, trainer, adapter_dir, metrics) -> None:
+        pass
+
+    def log_training_setup(self, trainer) -> None:
         pass
 
     def log_upstream_configs(self, lora_config, trainer_args) -> None:
@@ -173,6 +176,7 @@ class RunTracker:
         if target:  # the checkpoint's run, or the one `mlflow run` made: keep its name unless one was given
             run = mlflow.start_run(run_id=target, run_name=self.cfg.run_name, nested=active is not None,
                                    log_system_metrics=system)
+            mark_experiment(run.info.experiment_id, self.client)
             return run, True, True
         if active is not None:  # e.g. the parent run of a workflow: the training is its child
             run = mlflow.start_run(run_name=self._default_run_name(), nested=True,
@@ -306,6 +310,15 @@ class RunTracker:
         self._tokenizer = tokenizer
         self.log_model_stats(model)
         self.log_prompt_format(tokenizer)
+
+    def log_training_setup(self, trainer) -> None:
+        """How the trainer will run the model: the attention implementation and TRL's padding-free mode
+        (packing with ``bfd`` flattens a batch into one row), which decide training speed on a GPU."""
+        config = trainer.model.config  # a PeftModel answers with its base model's
+        # TRL 1.16's KTOTrainer and GRPOTrainer have no padding-free mode (nor the attribute).
+        padding_free = bool(getattr(trainer, "padding_free", False))
+        self._put("tags", tags={C.TAG_ATTN_IMPLEMENTATION: str(config._attn_implementation),
+                                C.TAG_PADDING_FREE: str(padding_free).lower()})
 
     def log_prompt_format(self, tokenizer) -> None:
         """Which prompt format training used and, for chat, the template itself (tag with its sha256)."""

@@ -115,7 +115,10 @@ class SmoLoRA:
         bnb = get_bnb_config(cfg.quantization)
         model = pretrained.load_causal_lm(path, revision=cfg.base_model_revision,
                                        trust_remote_code=cfg.trust_remote_code, dtype=self.dtype,
-                                       quantization_config=bnb, device=self.device if bnb is not None else None)
+                                       hub_kernels=cfg.hub_kernels,
+                                       # a quantized model is placed by device_map when loaded, never moved
+                                       **({"quantization_config": bnb, "device_map": {"": self.device.type}}
+                                          if bnb is not None else {}))
         self.base_info = pretrained.base_model_info(cfg.base_model, path, model)
         if bnb is not None:
             model = prepare_quantized(model, cfg)
@@ -148,6 +151,7 @@ class SmoLoRA:
             self._checkpoint_models = (CheckpointModels(self, lambda: tracker.run_id, tracker.reachable)
                                        if run_id and cfg.checkpoint_models and cfg.save_steps > 0 else None)
             trainer = self._build_trainer(model, tokenizer, train_data, tracker)
+            tracker.log_training_setup(trainer)
             with pretrained.quiet_upstream_deprecations():  # TRL's trainers read a deprecated transformers name
                 output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             metrics = dict(output.metrics)
@@ -205,7 +209,8 @@ class SmoLoRA:
         quantized = self.model if self.config.quantization != "none" and self.model is not None else None
         merge_adapter(self.adapter_dir, out, base_model=self.config.base_model,
                       revision=self.config.base_model_revision,
-                      trust_remote_code=self.config.trust_remote_code, verify=verify)
+                      trust_remote_code=self.config.trust_remote_code, verify=verify,
+                      save_dtype=self.config.merged_dtype, hub_kernels=self.config.hub_kernels)
         self.merged_dir = out
         self.model, self.tokenizer = self.load_model(out)
         if quantized is not None:
@@ -219,7 +224,8 @@ class SmoLoRA:
     def load_model(self, path: str | os.PathLike):
         """Load a merged model folder for inference and make it this object's model."""
         tokenizer = pretrained.load_tokenizer(str(path))
-        model = pretrained.load_causal_lm(str(path), dtype=self.dtype, device=self.device)
+        model = pretrained.load_causal_lm(str(path), dtype=self.dtype, device=self.device,
+                                          hub_kernels=self.config.hub_kernels)
         model.eval()
         self.model, self.tokenizer = model, tokenizer
         return model, tokenizer
@@ -230,7 +236,7 @@ class SmoLoRA:
 
         path = pretrained.resolve_model_path(base_model)
         tokenizer = pretrained.load_tokenizer(path)
-        base = pretrained.load_causal_lm(path, dtype=self.dtype)
+        base = pretrained.load_causal_lm(path, dtype=self.dtype, hub_kernels=self.config.hub_kernels)
         model = apply_adapter(base, adapter_dir, merge=merge)
         model.to(self.device).eval()
         self.model, self.tokenizer = model, tokenizer
@@ -310,10 +316,15 @@ def _drop_stock_mlflow_callback(trainer) -> None:
 
 
 class QuietProgress(ProgressCallback):
-    """The training progress bar, without a dict printed at every logging step."""
+    """The training progress bar, without a dict printed at every logging step, and without a second bar
+    for each evaluation inside training (an evaluation on its own keeps its bar)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         return None
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if self.training_bar is None:
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
 
 def _checkpoint_dir_of_run(run_id: str, tracking_uri: str | None) -> str | None:
