@@ -9,6 +9,7 @@ serves it like any LoRA adapter, referencing the untouched base model.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,5 +48,8 @@ def save_adapter(model, out_dir: Path, initial_dir: Path | None) -> None:
     if initial_dir is None:
         model.save_pretrained(out_dir, safe_serialization=True)
         return
-    model.save_pretrained(out_dir, safe_serialization=True,
-                          path_initial_model_for_weight_conversion=str(initial_dir))
+    with warnings.catch_warnings():
+        # PEFT warns that PiSSA changes the base and suggests converting it: this call is that conversion.
+        warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+        model.save_pretrained(out_dir, safe_serialization=True,
+                              path_initial_model_for_weight_conversion=str(initial_dir))
