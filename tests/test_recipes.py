@@ -121,6 +121,16 @@ def test_missing_columns_list_what_is_there_and_what_the_method_needs():
     assert kto.format == "unpaired_preference" and set(kto.train["label"]) == {True, False}
 
 
+def test_plain_pairs_become_chat_turns_for_a_chat_format_run():
+    from smolora_mlflow.data import as_chat_turns, prepare_method_data
+
+    data = as_chat_turns(prepare_method_data(SmoloraConfig(method="dpo"), [{"prompt": "Q?", "chosen": " yes",
+                                                                            "rejected": " no"}] * 2))
+    assert data.train[0] == {"prompt": [{"role": "user", "content": "Q?"}],
+                             "chosen": [{"role": "assistant", "content": "yes"}],
+                             "rejected": [{"role": "assistant", "content": "no"}]}
+
+
 def test_reward_functions_built_in_and_imported():
     from smolora_mlflow.train.rewards import resolve_rewards
 

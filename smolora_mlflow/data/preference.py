@@ -71,6 +71,29 @@ def prepare_method_data(cfg: SmoloraConfig, dataset: Any = None) -> PreparedData
                         fingerprint=_fingerprint(train_rows, eval_rows))
 
 
+def as_chat_turns(data: PreparedData) -> PreparedData:
+    """Plain-text DPO/KTO/GRPO rows as TRL's conversational rows (the prompt a user turn, each completion an
+    assistant turn), so a chat-format run trains through the chat template it is served with; rows that are
+    already chat messages, and SFT data, are returned as they are."""
+    import dataclasses
+
+    from smolora_mlflow.models.generation import chat_messages
+
+    if data.format not in FORMATS.values() or not isinstance(data.train[0]["prompt"], str):
+        return data
+    replies = ("chosen", "rejected", "completion")
+
+    def turns(row: dict[str, Any]) -> dict[str, Any]:
+        out = dict(row, prompt=chat_messages(row["prompt"]))
+        out.update({k: chat_messages("", row[k])[1:] for k in replies if k in row})
+        return out
+
+    def convert(ds):
+        return None if ds is None else _dataset([turns(r) for r in ds.to_list()], str(ds.split))
+
+    return dataclasses.replace(data, train=convert(data.train), eval=convert(data.eval))
+
+
 def as_scored(data: PreparedData) -> PreparedData:
     """``data`` as prompt/completion rows whose completion is the *desired* one (DPO's chosen, KTO's
     label-true completion, GRPO's answer), so the evaluation's loss and perplexity read the same on every

@@ -20,7 +20,7 @@ from typing import Any
 from transformers.trainer_callback import ProgressCallback
 
 from smolora_mlflow.config import SmoloraConfig
-from smolora_mlflow.data import PreparedData, as_chat, prepare_data, prepare_method_data
+from smolora_mlflow.data import PreparedData, as_chat, as_chat_turns, prepare_data, prepare_method_data
 from smolora_mlflow.models import generation, pretrained
 from smolora_mlflow.models.adapters import BASE_INFO_FILE
 from smolora_mlflow.train import checkpoints
@@ -140,7 +140,7 @@ class SmoLoRA:
         # all record (and use) the same prompt format.
         # The run logs the config as given; the format `auto` resolved to is its `smolora.prompt_format` tag.
         fmt = generation.resolve_prompt_format(cfg.prompt_format, tokenizer, cfg.base_model)
-        train_data = as_chat(data) if fmt == "chat" else data
+        train_data = (as_chat(data) if cfg.method == "sft" else as_chat_turns(data)) if fmt == "chat" else data
         tracker = make_tracker(cfg, data, self.base_info, device=self.device.type)
         tracker.prompt_format = fmt
         if fmt != cfg.prompt_format:
