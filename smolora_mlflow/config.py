@@ -84,12 +84,38 @@ class SmoloraConfig:
     lora_r: int = field(default=8, metadata=_help("LoRA rank, 1..1024."))
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling alpha, > 0."))
     lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA path, in [0, 1)."))
-    lora_target_modules: list[str] = field(
+    lora_target_modules: list[str] | str = field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        metadata=_help("Module names to adapt, or `all-linear`."),
+        metadata=_help("Module names to adapt, `all-linear`, or one regular expression over full module names "
+                       "(PEFT's `target_modules`; a text with regex characters such as `.*(q|v)_proj`)."),
     )
     lora_bias: Literal["none", "all", "lora_only"] = field(
         default="none", metadata=_help("Which biases are trained.")
+    )
+    # --- recipe: objective, upstream options, quantization ---
+    method: Literal["sft", "dpo", "kto", "grpo"] = field(
+        default="sft",
+        metadata=_help("Training objective, through TRL's SFTTrainer, DPOTrainer, KTOTrainer or GRPOTrainer."),
+    )
+    peft: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_help("Any other PEFT `LoraConfig` field, e.g. use_dora=true,init_lora_weights=pissa "
+                       "(`lora_*` fields are aliases: `lora_r` is `peft.r`)."),
+    )
+    trainer_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_help("Any other field of the method's TRL config (SFTConfig, DPOConfig, KTOConfig, GRPOConfig), "
+                       "e.g. beta=0.1 or neftune_noise_alpha=5."),
+    )
+    rewards: list[str] = field(
+        default_factory=list,
+        metadata=_help("GRPO reward functions: built-ins regex_match, exact_answer, length_target, or a "
+                       "`module:function` (empty: length_target)."),
+    )
+    quantization: Literal["none", "4bit", "8bit"] = field(
+        default="none",
+        metadata=_help("QLoRA: load the base in 4-bit NF4 (double quantization, bf16 compute) or 8-bit with "
+                       "bitsandbytes (`pip install smolora-mlflow[qlora]`)."),
     )
     # --- optimisation ---
     learning_rate: float = field(default=2e-4, metadata=_help("Peak learning rate, in (0, 1]."))
@@ -201,9 +227,17 @@ class SmoloraConfig:
                                                                  ">= 0."))
 
     def __post_init__(self) -> None:
-        self.lora_target_modules = _as_list(self.lora_target_modules)
+        self.lora_target_modules = _target_modules(self.lora_target_modules)
         self.sample_prompts = _as_list(self.sample_prompts)
-        problems = _type_problems(self) + _range_problems(self)
+        self.rewards = _as_list(self.rewards)
+        problems = _alias_problems(self)
+        problems += _type_problems(self) + _range_problems(self)
+        if (self.peft or self.trainer_args) and not any(
+                p.startswith(("`peft`", "`trainer_args`", "`method`")) for p in problems):
+            # PEFT/TRL are imported only here, and only when a run sets one of these options.
+            from smolora_mlflow.upstream_options import upstream_problems
+
+            problems += upstream_problems(self)
         if problems:
             raise ConfigError(problems)
 
@@ -294,6 +328,54 @@ def _as_list(value: Any) -> Any:
     return value
 
 
+_REGEX_CHARS = set("*()[]|\\^$?+{}")
+
+
+def _target_modules(value: Any) -> Any:
+    """A list of module names, or one regular expression (PEFT's str form) when the text has regex characters."""
+    if isinstance(value, str) and not value.strip().startswith("[") and _REGEX_CHARS & set(value):
+        return value.strip()
+    return _as_list(value)
+
+
+# `lora_*` fields are aliases of these LoraConfig keys; a key given both ways is an error.
+PEFT_ALIASES = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                "target_modules": "lora_target_modules", "bias": "lora_bias"}
+# Config fields that are TRL config keys of the same name (for every method that has the key).
+TRAINER_ALIASES = {k: k for k in (
+    "learning_rate", "lr_scheduler_type", "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "packing", "seed",
+    "logging_steps", "save_total_limit", "output_dir")}
+
+
+def _field_default(name: str) -> Any:
+    f = _FIELDS[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _alias_problems(cfg: SmoloraConfig) -> list[str]:
+    """Move alias keys of ``peft``/``trainer_args`` into their fields; a key set both ways is a problem.
+
+    A field still at its default counts as not given (a dataclass cannot tell the two apart).
+    """
+    problems = []
+    for option, aliases in (("peft", PEFT_ALIASES), ("trainer_args", TRAINER_ALIASES)):
+        options = getattr(cfg, option)
+        if not isinstance(options, dict):
+            continue
+        options = dict(options)  # never change the caller's mapping
+        setattr(cfg, option, options)
+        for key in [k for k in options if k in aliases]:
+            name = aliases[key]
+            value = options.pop(key)
+            if getattr(cfg, name) != _field_default(name):
+                problems.append(f"`{option}.{key}` and `{name}` set the same option ({value!r} and "
+                                f"{getattr(cfg, name)!r}); set only `{name}`.")
+                continue
+            setattr(cfg, name, _target_modules(value) if name == "lora_target_modules" else value)
+    return problems
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
@@ -307,6 +389,10 @@ def _matches(value: Any, tp: Any) -> bool:
     if value is None:
         return optional
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is Any:
+        return True
     if origin is Literal:
         return value in typing.get_args(tp)
     if origin is list:
@@ -326,12 +412,14 @@ def _matches(value: Any, tp: Any) -> bool:
 def describe_type(tp: Any) -> str:
     tp, optional = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
-    if origin is Literal:
+    if origin in (typing.Union, types.UnionType):
+        text = " or ".join(describe_type(a) for a in typing.get_args(tp))
+    elif origin is Literal:
         text = "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     elif origin is list:
         text = "a list of " + typing.get_args(tp)[0].__name__
     elif origin is dict:
-        text = "a mapping of str to str"
+        text = "a mapping of str to " + ("values" if typing.get_args(tp)[1] is Any else "str")
     else:
         text = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
     return text + (" (or null)" if optional else "")
@@ -395,6 +483,9 @@ def _range_problems(cfg: SmoloraConfig) -> list[str]:
         except re.error as e:
             problems.append(f"`task_answer_regex` must be a valid regular expression, got "
                             f"{cfg.task_answer_regex!r} ({e}).")
+    if "rewards" not in bad_types and cfg.rewards and cfg.method != "grpo":
+        problems.append(f"`rewards` is read by `method: grpo` only, got {cfg.rewards!r} with method "
+                        f"{cfg.method!r}; drop `rewards` or set `method: grpo`.")
     if "lora_target_modules" not in bad_types and not cfg.lora_target_modules:
         problems.append("`lora_target_modules` must name at least one module, or be `all-linear`.")
     return problems
@@ -442,10 +533,14 @@ def coerce(name: str, raw: Any) -> Any:
             return float(text)
         if origin is list:
             return _as_list(text)
+        if origin in (typing.Union, types.UnionType):  # list[str] | str: names, or one regular expression
+            return _target_modules(text)
         if origin is dict:
             parsed = json.loads(text) if text.startswith("{") else dict(
                 kv.split("=", 1) for kv in text.split(",") if kv
             )
+            if typing.get_args(tp)[1] is Any:  # upstream options: typed later against the upstream dataclass
+                return {str(k).strip(): v.strip() if isinstance(v, str) else v for k, v in parsed.items()}
             return {str(k): str(v) for k, v in parsed.items()}
     except (ValueError, json.JSONDecodeError) as e:
         raise ConfigError([f"`{name}` must be {describe_type(_HINTS[name])}, got {raw!r}."]) from e

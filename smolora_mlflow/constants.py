@@ -63,6 +63,10 @@ ARTIFACT_CONFIG = "config/smolora_config.yaml"
 ARTIFACT_MODEL_CARD = "README.md"
 ARTIFACT_LOSS_CURVE = "plots/loss_curve.png"
 ARTIFACT_GENERATIONS = "generations.json"  # mlflow.log_table file, with a `step` column
+ARTIFACT_LORA_CONFIG = "config/lora_config.json"  # the resolved PEFT LoraConfig of a run
+ARTIFACT_TRAINER_CONFIG = "config/trainer_config.json"  # the resolved TRL config (SFTConfig, DPOConfig, ...)
+ARTIFACT_COMPLETIONS = "completions.json"  # GRPO: sampled completions and each reward, with a `step` column
+ARTIFACT_PREFERENCE_SCORES = "preference_scores.json"  # DPO: eval pairs' chosen/rejected rewards per `step`
 
 # File written next to each checkpoint so a resume finds its MLflow run.
 RUN_ID_FILE = "mlflow_run_id.txt"

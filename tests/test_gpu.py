@@ -85,8 +85,13 @@ def test_qlora_4bit_training_and_serving(tmp_path, tracking_uri, smolora_cache, 
     lora = SmoLoRA(config=SmoloraConfig(**CUDA_TRAINING, quantization="4bit", output_dir=str(tmp_path / "out")))
     result = lora.train()
     assert mlflow.MlflowClient().get_run(result.run_id).data.params["quantization"] == "4bit"
-    lora.save()
+    layer = lora.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert type(layer).__name__ == "Linear4bit" and layer.weight.device.type == "cuda"
+    lora.save()  # merged into the unquantized base, the quantization error measured
+    assert lora.quantization_error is not None
     info = lora.log_model(pip_requirements=PIP)
+    block = mlflow.models.Model.load(info.model_uri).flavors["smolora"]["lora"]["quantization"]
+    assert block["quantization"] == "4bit" and block["max_abs_logit_diff_vs_quantized"] >= 0
     out = mlflow.pyfunc.load_model(info.model_uri).predict({"prompt": PROMPTS[:2]}, params={"max_new_tokens": 8})
     assert len(out) == 2 and all(isinstance(t, str) for t in out["generated_text"])
     assert kernelize_calls == []

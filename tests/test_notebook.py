@@ -33,7 +33,8 @@ def test_notebook_is_stored_without_outputs_and_defines_nothing():
     text = "\n".join(_code(nb))
     for needed in ("%matplotlib inline", "SMOLORA_NB_STEPS", "MLFLOW_TRACKING_URI", "compare.runs_frame",
                    "compare.plot_loss_curves", "compare.plot_loss_vs_trainable", "compare.generations",
-                   "compare.best_run", "registry.versions", "registry.promote"):
+                   "compare.best_run", "registry.versions", "registry.promote", "method in (\"sft\", \"dpo\")",
+                   "rewards/accuracies"):
         assert needed in text, needed
 
 
@@ -77,7 +78,9 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch, kernel_name, smolora
     assert any(all(h in table for h in headers) for table in html), "the runs table is missing"
     assert any("<th>lora_r=2</th>" in table and "<th>lora_r=8</th>" in table for table in html), "generations"
     assert any("<th>aliases</th>" in table and "Production" in table for table in html), "registry versions"
-    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 3  # each figure shown once
+    assert any("<th>params.method</th>" in table and "dpo" in table and "eval_rewards/accuracies" in table
+               for table in html), "the SFT-vs-DPO table"
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 4  # each figure shown once
 
     # What the notebook did is in the store it was pointed at, and its files stayed in its folder.
     from smolora_mlflow import compare, registry

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Format = Literal["text", "prompt_completion", "chat"]
+Format = Literal["text", "prompt_completion", "chat", "preference", "unpaired_preference", "prompt_only"]
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_FIELD_CHARS = 1_000_000

@@ -53,13 +53,15 @@ def eval_split(cfg: SmoloraConfig, dataset: Any = None, *, prepared: Any = None)
     With ``eval_fraction`` 0 there is no held-out split; every row is scored and the description says that
     the model saw them in training.
     """
-    from smolora_mlflow.data import prepare_data
+    from smolora_mlflow.data import as_scored, prepare_data, prepare_method_data
 
+    # DPO/KTO/GRPO data is scored on its desired completions (chosen, label-true, answer).
+    prepare = prepare_data if cfg.method == "sft" else prepare_method_data
     if dataset is not None:
-        data = prepare_data(cfg.replace(eval_fraction=0.0, max_samples=None), dataset)
+        data = as_scored(prepare(cfg.replace(eval_fraction=0.0, max_samples=None), dataset))
         return EvalSplit(data.train.to_list(), data.format, f"all {data.num_train} rows of {data.name}", data,
                          data.train)
-    data = prepared if prepared is not None else prepare_data(cfg)
+    data = as_scored(prepared if prepared is not None else prepare(cfg))
     if data.eval is not None:
         return EvalSplit(data.eval.to_list(), data.format,
                          f"held-out {data.num_eval} rows (eval_fraction={cfg.eval_fraction:g}) of {data.name}",

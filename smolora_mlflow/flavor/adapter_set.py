@@ -91,7 +91,18 @@ def _fetch(name: str, uri: str, base_sha256: str | None, dst: str | None = None,
             f"{vm.conf.get('base_model_sha256')}, but this adapter set's base has sha256 {base_sha256}; every "
             "adapter of a set must be trained on the same base model. Remove it or retrain it on that base.",
             error_code=INVALID_STATE)
+    _check_mixed_batches(name, vm.uri, files.read_json(vm.root / vm.conf["data"] / "adapter_config.json"))
     return vm
+
+
+def _check_mixed_batches(name: str, uri: str, adapter_config: Mapping[str, Any]) -> None:
+    """Refuse an adapter PEFT's mixed-adapter batches cannot run: PEFT 0.21's ``LoraLayer._check_forward_args``
+    raises "Cannot pass `adapter_names` when DoRA is enabled", and a set serves every request that way."""
+    if adapter_config.get("use_dora"):
+        raise invalid_input(
+            f"Adapter `{name}` ({uri}) is a DoRA adapter (`use_dora: true`); PEFT cannot serve DoRA in mixed-adapter "
+            "batches, which an adapter set uses. Serve it on its own (mode='adapter' or merged), or retrain it "
+            "without `peft.use_dora`.")
 
 
 def _signature(defaults: Mapping[str, Any]) -> ModelSignature:

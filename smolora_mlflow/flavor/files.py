@@ -143,7 +143,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def lora_settings(adapter_config: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type")
+    keys = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type",
+            "use_dora", "use_rslora", "init_lora_weights")  # the variant decides how the adapter may be served
     out = {k: adapter_config[k] for k in keys if adapter_config.get(k) is not None}
     if isinstance(out.get("target_modules"), (set, tuple)):
         out["target_modules"] = sorted(out["target_modules"])

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DEMO_CORPUS = DATA_DIR / "reviews.jsonl"
+# Preference pairs over the same reviews (a good vs a bad adjective): the demo data of DPO, KTO and GRPO.
+DEMO_PREFERENCES = DATA_DIR / "preferences.jsonl"
 
 # Small enough to train in seconds on 2 CPU cores, big enough to learn the review templates.
 DEMO_MODEL_SPEC = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import time
 
@@ -37,6 +38,10 @@ _FINAL_KEYS = {"train_loss": C.METRIC_TRAIN_LOSS, "train_runtime": "train_runtim
                "train_samples_per_second": "train_samples_per_second",
                "train_steps_per_second": "train_steps_per_second"}
 _EVAL_SKIP = {"eval_runtime"}
+# What DPO, KTO and GRPO add to a training-step log (TRL's names), forwarded as they are: rewards/chosen,
+# rewards/<function>/mean, logps/rejected, completions/mean_length, clip_ratio/low_mean, kl, ...
+_METHOD_PREFIXES = ("rewards/", "logps/", "logits/", "completions/", "clip_ratio/", "sampling/")
+_METHOD_KEYS = {"kl", "reward", "reward_std", "frac_reward_zero_std", "policy_loss", "aux_loss", "cispo_clip_ratio"}
 _MAX_BATCH = 1000  # MLflow caps one log_batch at 1000 metrics
 CHECKPOINT_SYNC_SECONDS = 30.0
 
@@ -162,11 +167,15 @@ class MlflowTrainingCallback(TrainerCallback):
         metrics: dict[str, float] = {}
         if "loss" in logs:
             metrics.update((name, logs[key]) for key, name in _STEP_KEYS.items() if key in logs)
+            metrics.update((metric_name(k), v) for k, v in logs.items()
+                           if (k in _METHOD_KEYS or k.startswith(_METHOD_PREFIXES)) and isinstance(v, (int, float)))
             metrics.update(self._throughput(args, state))
             metrics.update(_memory_metrics())
         if "eval_loss" in logs:
-            metrics.update((k, v) for k, v in logs.items() if k.startswith("eval_") and k not in _EVAL_SKIP)
-            metrics[C.METRIC_EVAL_PERPLEXITY] = perplexity(logs["eval_loss"])
+            metrics.update((metric_name(k), v) for k, v in logs.items()
+                           if k.startswith("eval_") and k not in _EVAL_SKIP and isinstance(v, (int, float)))
+            if self.tracker.cfg.method == "sft":  # other objectives' losses are no NLL
+                metrics[C.METRIC_EVAL_PERPLEXITY] = perplexity(logs["eval_loss"])
         if "train_loss" in logs:
             metrics.update((name, logs[key]) for key, name in _FINAL_KEYS.items() if key in logs)
             # transformers averages this train() call's steps only; a resumed run's covers all its steps
@@ -202,6 +211,16 @@ class MlflowTrainingCallback(TrainerCallback):
             if not self.buffer.sync(timeout=CHECKPOINT_SYNC_SECONDS):
                 logger.warning("MLflow has not yet taken the metrics up to checkpoint %d; still retrying.",
                                state.global_step)
+
+
+_ILLEGAL = re.compile(r"[^\w\-. /]")
+
+
+def metric_name(key: str) -> str:
+    """``key`` as a name MLflow accepts on every platform: alphanumerics, ``_ - . /`` and spaces (a reward
+    function's name is the user's, and may hold anything); no empty or leading-slash path parts."""
+    name = _ILLEGAL.sub("_", key).strip("/")
+    return re.sub(r"/+", "/", name).replace("/./", "/_/") or "_"
 
 
 def _memory_metrics() -> dict[str, float]:

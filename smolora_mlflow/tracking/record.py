@@ -21,6 +21,8 @@ from smolora_mlflow.redaction import redact
 PARAM_DISPLAY_LIMIT = 500
 # run_tags are logged as tags; the tracking URI is where the run already is, and may hold a password.
 _SKIP_PARAMS = {"run_tags", "tracking_uri"}
+# Upstream options are logged one param per key (`peft.use_dora`, `trainer.beta`), so runs filter on them.
+_OPTION_PARAMS = {"peft": "peft.", "trainer_args": "trainer."}
 
 
 def _param_text(value: Any) -> str:
@@ -48,6 +50,8 @@ def flat_params(cfg: SmoloraConfig, data) -> tuple[dict[str, str], dict[str, str
     for key, value in values.items():
         if key in _SKIP_PARAMS:
             continue
+        if key in _OPTION_PARAMS:  # the whole mapping too, below: every field is a param
+            params.update((_OPTION_PARAMS[key] + k, _param_text(v)) for k, v in sorted(value.items()))
         text = _param_text(value)
         if len(text) > PARAM_DISPLAY_LIMIT:
             long_values[key] = text
@@ -58,6 +62,12 @@ def flat_params(cfg: SmoloraConfig, data) -> tuple[dict[str, str], dict[str, str
     params["num_train_rows"] = str(data.num_train)
     params["num_eval_rows"] = str(data.num_eval)
     return params, long_values
+
+
+def upstream_config_json(config: Any) -> str:
+    """A PEFT or TRL config as JSON with every field (``to_dict()``; values JSON cannot hold become text)."""
+    values = config.to_dict()
+    return json.dumps(redact(values), indent=2, sort_keys=True, default=str)
 
 
 def config_yaml(cfg: SmoloraConfig) -> str:

@@ -68,6 +68,12 @@ class NullTracker:
     def log_training_setup(self, trainer) -> None:
         pass
 
+    def log_upstream_configs(self, lora_config, trainer_args) -> None:
+        pass
+
+    def log_table_rows(self, rows: list[dict], artifact_file: str) -> None:
+        pass
+
 
 class RunTracker:
     """Owns one MLflow run for one training."""
@@ -269,14 +275,27 @@ class RunTracker:
     def _description(self) -> str:
         cfg, data = self.cfg, self.data
         steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epoch(s)"
+        recipe = "LoRA fine-tune" if cfg.method == "sft" else f"LoRA {cfg.method.upper()} training"
         return (
-            f"LoRA fine-tune of `{cfg.base_model}` on `{data.name}` ({data.num_train} train / {data.num_eval} "
+            f"{recipe} of `{cfg.base_model}` on `{data.name}` ({data.num_train} train / {data.num_eval} "
             f"eval rows, {data.format} format): r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, "
-            f"targets={','.join(cfg.lora_target_modules)}, lr={cfg.learning_rate:g}, {steps}, "
+            f"targets={_targets_text(cfg.lora_target_modules)}, lr={cfg.learning_rate:g}, {steps}, "
             f"batch {cfg.per_device_train_batch_size}x{cfg.gradient_accumulation_steps}, seed {cfg.seed}."
         )
 
     # --- during training ---
+    def log_upstream_configs(self, lora_config, trainer_args) -> None:
+        """The complete resolved ``LoraConfig`` and TRL config, as JSON artifacts (every field, defaults too)."""
+        from smolora_mlflow.tracking.record import upstream_config_json
+
+        self._put("text", text=upstream_config_json(lora_config), artifact_file=C.ARTIFACT_LORA_CONFIG)
+        self._put("text", text=upstream_config_json(trainer_args), artifact_file=C.ARTIFACT_TRAINER_CONFIG)
+
+    def log_table_rows(self, rows: list[dict], artifact_file: str) -> None:
+        """Append rows (each with a ``step``) to one of the run's ``log_table`` tables."""
+        if rows:
+            self._put("table", rows=rows, artifact_file=artifact_file)
+
     def callbacks(self) -> list:
         from smolora_mlflow.tracking.callback import MlflowTrainingCallback
 
@@ -296,8 +315,10 @@ class RunTracker:
         """How the trainer will run the model: the attention implementation and TRL's padding-free mode
         (packing with ``bfd`` flattens a batch into one row), which decide training speed on a GPU."""
         config = trainer.model.config  # a PeftModel answers with its base model's
+        # TRL 1.16's KTOTrainer and GRPOTrainer have no padding-free mode (nor the attribute).
+        padding_free = bool(getattr(trainer, "padding_free", False))
         self._put("tags", tags={C.TAG_ATTN_IMPLEMENTATION: str(config._attn_implementation),
-                                C.TAG_PADDING_FREE: str(bool(trainer.padding_free)).lower()})
+                                C.TAG_PADDING_FREE: str(padding_free).lower()})
 
     def log_prompt_format(self, tokenizer) -> None:
         """Which prompt format training used and, for chat, the template itself (tag with its sha256)."""
@@ -428,6 +449,10 @@ def _forget_active_run() -> None:
     stop = getattr(monitor, "_shutdown_event", None)  # not finish(): it joins, then flushes to the dead server
     if stop is not None:
         stop.set()
+
+
+def _targets_text(targets: list[str] | str) -> str:
+    return targets if isinstance(targets, str) else ",".join(targets)
 
 
 def _same_param(a: str, b: str) -> bool:

@@ -117,3 +117,14 @@ def _save_dtype(save_dtype: str, base_path: str, revision: str | None, trust_rem
     if save_dtype not in _SAVE_DTYPES:
         raise ValueError(f"`merged_dtype` must be auto, {', '.join(_SAVE_DTYPES)}, got {save_dtype!r}.")
     return save_dtype
+
+
+def quantization_error(quantized_model, merged_model, tokenizer, probes: list[str] | None = None) -> float:
+    """Largest absolute logit difference between the adapter on the quantized base (as trained) and the model
+    merged into the unquantized base: what quantization cost, reported rather than checked against a bound."""
+    import torch
+
+    probes = probes or PROBES
+    before, mask = _logits(quantized_model, tokenizer, probes)
+    after, _ = _logits(merged_model, tokenizer, probes)
+    return float((after.to(before.device) - before)[mask].abs().max().to(torch.float32))

@@ -29,9 +29,24 @@ def lineage(lora) -> dict[str, Any]:
         # train() resolved `auto`; a SmoLoRA that never trained here serves prompts as they come.
         "prompt_format": cfg.prompt_format if cfg.prompt_format in ("chat", "plain") else "plain",
         "hub_kernels": cfg.hub_kernels,  # the loader uses Hub kernels only for a model trained with them
+        # The variant options (use_dora, use_rslora, init_lora_weights, ...) ride along with the short fields.
         "lora_config": {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-                        "target_modules": list(cfg.lora_target_modules), "bias": cfg.lora_bias},
+                        "target_modules": cfg.lora_target_modules if isinstance(cfg.lora_target_modules, str)
+                        else list(cfg.lora_target_modules), "bias": cfg.lora_bias, **cfg.peft,
+                        **_quantization_record(lora)},
     }
+
+
+def _quantization_record(lora) -> dict[str, Any]:
+    """QLoRA: how the base was quantized in training and, once merged, what the quantization cost in logits."""
+    from smolora_mlflow.train.upstream import quantization_settings
+
+    settings = quantization_settings(lora.config.quantization)
+    if not settings:
+        return {}
+    if lora.quantization_error is not None:
+        settings["max_abs_logit_diff_vs_quantized"] = lora.quantization_error
+    return {"quantization": settings}
 
 
 def _run_model_card(run_id: str) -> str | None:

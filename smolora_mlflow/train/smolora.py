@@ -20,13 +20,21 @@ from typing import Any
 from transformers.trainer_callback import ProgressCallback
 
 from smolora_mlflow.config import SmoloraConfig
-from smolora_mlflow.data import PreparedData, as_chat, prepare_data
+from smolora_mlflow.data import PreparedData, as_chat, as_chat_turns, prepare_data, prepare_method_data
 from smolora_mlflow.evaluation import whole_run_train_loss
 from smolora_mlflow.models import generation, pretrained
 from smolora_mlflow.models.adapters import BASE_INFO_FILE
 from smolora_mlflow.train import checkpoints
 from smolora_mlflow.train.checkpoint_models import CheckpointModels
-from smolora_mlflow.train.upstream import get_lora_config, get_sft_config
+from smolora_mlflow.train.methods import build_method_trainer
+from smolora_mlflow.train.upstream import (
+    check_quantization,
+    get_bnb_config,
+    get_lora_config,
+    get_trainer_config,
+    prepare_quantized,
+)
+from smolora_mlflow.train.variants import INITIAL_ADAPTER_DIR, InitialAdapterCallback, needs_conversion, save_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +90,8 @@ class SmoLoRA:
         self.merged_dir = self.output_dir / MERGED_DIR
         self.device = generation.resolve_device(self.config.device)
         self.dtype = pretrained.resolve_dtype(self.config.dtype, self.device.type)
+        check_quantization(self.config.quantization, self.device.type)  # before any data or model loads
+        self.quantization_error: float | None = None  # merged vs adapter-on-quantized-base, after save()
         self.model = None
         self.tokenizer = None
         self.data: PreparedData | None = None
@@ -94,7 +104,8 @@ class SmoLoRA:
     def prepare(self) -> PreparedData:
         """Load and validate the dataset (done once; train() calls it)."""
         if self.data is None:
-            self.data = prepare_data(self.config, self._dataset_obj)
+            prepare = prepare_data if self.config.method == "sft" else prepare_method_data
+            self.data = prepare(self.config, self._dataset_obj)
         return self.data
 
     def _load_base(self):
@@ -102,10 +113,16 @@ class SmoLoRA:
         path = pretrained.resolve_model_path(cfg.base_model)
         tokenizer = pretrained.load_tokenizer(path, revision=cfg.base_model_revision,
                                            trust_remote_code=cfg.trust_remote_code)
+        bnb = get_bnb_config(cfg.quantization)
         model = pretrained.load_causal_lm(path, revision=cfg.base_model_revision,
                                        trust_remote_code=cfg.trust_remote_code, dtype=self.dtype,
-                                       hub_kernels=cfg.hub_kernels)
+                                       hub_kernels=cfg.hub_kernels,
+                                       # a quantized model is placed by device_map when loaded, never moved
+                                       **({"quantization_config": bnb, "device_map": {"": self.device.type}}
+                                          if bnb is not None else {}))
         self.base_info = pretrained.base_model_info(cfg.base_model, path, model)
+        if bnb is not None:
+            model = prepare_quantized(model, cfg)
         return model, tokenizer
 
     def train(self) -> TrainResult:
@@ -124,7 +141,7 @@ class SmoLoRA:
         # all record (and use) the same prompt format.
         # The run logs the config as given; the format `auto` resolved to is its `smolora.prompt_format` tag.
         fmt = generation.resolve_prompt_format(cfg.prompt_format, tokenizer, cfg.base_model)
-        train_data = as_chat(data) if fmt == "chat" else data
+        train_data = (as_chat(data) if cfg.method == "sft" else as_chat_turns(data)) if fmt == "chat" else data
         tracker = make_tracker(cfg, data, self.base_info, device=self.device.type)
         tracker.prompt_format = fmt
         if fmt != cfg.prompt_format:
@@ -137,11 +154,14 @@ class SmoLoRA:
             trainer = self._build_trainer(model, tokenizer, train_data, tracker)
             tracker.log_training_setup(trainer)
             start = _step_of(resume)  # read now: checkpoint rotation may delete it during training
-            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            with pretrained.quiet_upstream_deprecations():  # TRL's trainers read a deprecated transformers name
+                output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             metrics = {**output.metrics, "train_loss": whole_run_train_loss(
                 trainer.state.log_history, trainer.state.global_step, start, output.training_loss)}
             if data.eval is not None:
-                metrics.update(_with_perplexity(_final_eval(trainer)))
+                final = _final_eval(trainer)
+                # DPO/KTO/GRPO losses are not a token NLL, so they have no perplexity.
+                metrics.update(_with_perplexity(final) if cfg.method == "sft" else final)
             self._save_adapter(trainer, tokenizer)  # before anything else talks to the tracking server
             if self._checkpoint_models is not None:
                 self.checkpoint_roles = self._checkpoint_models.finish(cfg.save_total_limit)
@@ -151,28 +171,21 @@ class SmoLoRA:
         return TrainResult(self.adapter_dir, run_id, trainer.state.global_step, metrics)
 
     def _build_trainer(self, model, tokenizer, data: PreparedData, tracker):
-        sft_args = get_sft_config(self.config, device=self.device.type, dtype=self.dtype,
+        cfg = self.config
+        args = get_trainer_config(cfg, device=self.device.type, dtype=self.dtype,
                                   has_eval=data.eval is not None, output_dir=str(self.output_dir))
+        lora_config = get_lora_config(cfg)
         # The tracker's on_save delivers the metrics up to a checkpoint before the marker makes it resumable.
         publish = self._checkpoint_models.log if self._checkpoint_models is not None else None
         callbacks = [*tracker.callbacks(), checkpoints.CheckpointMarkerCallback(lambda: tracker.run_id, publish)]
+        if needs_conversion(cfg.peft):
+            callbacks.append(InitialAdapterCallback(self.output_dir / INITIAL_ADAPTER_DIR))
         with pretrained.quiet_upstream_deprecations():
-            trainer = self._make_sft_trainer(model, sft_args, data, tokenizer, callbacks)
+            trainer = build_method_trainer(cfg.method, model=model, args=args, data=data, tokenizer=tokenizer,
+                                           peft_config=lora_config, callbacks=callbacks, tracker=tracker, cfg=cfg)
         _drop_stock_mlflow_callback(trainer)
+        tracker.log_upstream_configs(lora_config, args)
         return trainer
-
-    def _make_sft_trainer(self, model, sft_args, data: PreparedData, tokenizer, callbacks):
-        from trl import SFTTrainer
-
-        return SFTTrainer(
-            model=model,
-            args=sft_args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            peft_config=get_lora_config(self.config),
-            callbacks=callbacks,
-        )
 
     def _save_adapter(self, trainer, tokenizer) -> None:
         import json
@@ -180,7 +193,8 @@ class SmoLoRA:
         if not trainer.is_world_process_zero():
             return
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(self.adapter_dir, safe_serialization=True)
+        initial = self.output_dir / INITIAL_ADAPTER_DIR if needs_conversion(self.config.peft) else None
+        save_adapter(trainer.model, self.adapter_dir, initial)
         tokenizer.save_pretrained(self.adapter_dir)
         info = {**self.base_info, "architecture": type(trainer.model.get_base_model()).__name__}
         (self.adapter_dir / BASE_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
@@ -193,12 +207,21 @@ class SmoLoRA:
         if not (self.adapter_dir / "adapter_config.json").is_file():
             raise RuntimeError(f"no adapter at `{self.adapter_dir}`; call train() before save().")
         out = Path(path) if path else self.merged_dir
+        # A QLoRA adapter is merged into the unquantized base, in float32; the verification compares it with
+        # the adapter on that same base (exact), and the quantization error is measured against training's model.
+        quantized = self.model if self.config.quantization != "none" and self.model is not None else None
         merge_adapter(self.adapter_dir, out, base_model=self.config.base_model,
                       revision=self.config.base_model_revision,
                       trust_remote_code=self.config.trust_remote_code, verify=verify,
                       save_dtype=self.config.merged_dtype, hub_kernels=self.config.hub_kernels)
         self.merged_dir = out
         self.model, self.tokenizer = self.load_model(out)
+        if quantized is not None:
+            from smolora_mlflow.train.merge import quantization_error
+
+            self.quantization_error = quantization_error(quantized, self.model, self.tokenizer)
+            logger.info("Merged QLoRA model differs from the adapter on the %s base by at most %.3g in logits.",
+                        self.config.quantization, self.quantization_error)
         return out
 
     def load_model(self, path: str | os.PathLike):
