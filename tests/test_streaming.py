@@ -244,4 +244,4 @@ def test_metrics_are_prometheus_text_and_mlflow_endpoints_unchanged(server):
         assert f"# TYPE {family} {kind}" in text
     assert _metric(server.url, "smolora_requests_total", adapter="default") >= 1
     assert _metric(server.url, "smolora_http_responses_total", path="/ping", status="200") >= 1
-    assert re.search(r'^smolora_batch_size_bucket\{le="\+Inf"\} \d+$', text, re.MULTILINE)
+    assert re.search(r'^smolora_batch_size_bucket\{le="\+Inf"\} [\d.]+$', text, re.MULTILINE)
