@@ -97,8 +97,10 @@ def test_input_forms(loaded, tiny_llama_dir):
     impl = loaded._model_impl  # the wrapper itself also takes bare strings and lists
     assert impl.predict(PROMPTS, params=one)["generated_text"].tolist() == ref
     assert impl.predict(PROMPTS[0], params=one)["generated_text"].tolist() == ref[:1]
+    # A plain-format model reads a lone user message as the plain prompt it was trained on, not chat-rendered.
+    assert impl.prompt_format == "plain"
     msgs = [{"role": "user", "content": "The food was"}]
-    chat_ref = impl.predict("<|user|>The food was</s><|assistant|>", params=one)["generated_text"].tolist()
+    chat_ref = impl.predict("The food was", params=one)["generated_text"].tolist()
     assert impl.predict(msgs, params=one)["generated_text"].tolist() == chat_ref
     assert impl.predict([msgs, msgs], params=one)["generated_text"].tolist() == chat_ref * 2
     framed = loaded.predict(pd.DataFrame({"prompt": [msgs, "Great"]}), params=one)
@@ -361,8 +363,9 @@ def test_wrapper_level_validation(loaded, tmp_path, demo_model_dir):
     shutil.copytree(demo_model_dir, src)
     (src / "chat_template.jinja").unlink()
     plain = mlflow.pyfunc.load_model(str(_save(tmp_path / "p", src, max_prompt_tokens=4)))
-    with pytest.raises(MlflowException, match="no chat template"):
-        plain.predict(pd.DataFrame({"prompt": [[{"role": "user", "content": "hi"}]]}))
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    with pytest.raises(MlflowException, match=r"trained on plain prompts \(prompt_format: plain\), not chat turns"):
+        plain.predict(pd.DataFrame({"prompt": [conversation]}))
     with pytest.raises(MlflowException, match="more than this model's max_prompt_tokens"):
         plain.predict({"prompt": ["one two three four five six"]})
 

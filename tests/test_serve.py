@@ -112,7 +112,9 @@ def test_unified_llm_payload_and_full_text(server, expected):
 def test_chat_messages_in_a_prompt_cell(server, expected):
     messages = [{"role": "user", "content": "The food was"}]
     response = _post(server, {"dataframe_records": [{"prompt": messages}], "params": PARAMS})
-    assert _texts(response) == expected(["<|user|>The food was</s><|assistant|>"], **PARAMS)
+    # The demo model is saved plain (its chat template ends turns with the generic eos_token): a lone user
+    # message is the plain prompt it was trained on.
+    assert _texts(response) == expected(["The food was"], **PARAMS)
 
 
 def test_unknown_params_are_dropped_by_mlflow_not_a_500(server, expected):

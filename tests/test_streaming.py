@@ -38,13 +38,14 @@ def model_path(tmp_path_factory, demo_model_dir) -> Path:
 def expected(demo_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smolora_mlflow.models.generation import format_chat, generate
+    from smolora_mlflow.models.generation import generate
 
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir)
     tok = AutoTokenizer.from_pretrained(demo_model_dir)
 
     def run(prompt, **params):
-        text = format_chat(tok, prompt) if isinstance(prompt, list) else prompt
+        # The served model is plain-format: a lone user message reaches it as the plain prompt.
+        text = prompt[0]["content"] if isinstance(prompt, list) else prompt
         return generate(model, tok, [text], **{"max_new_tokens": 8, **params})[0]
 
     return run
