@@ -297,17 +297,20 @@ class GenerationScheduler:
             self._emit_one(live)
 
     def _emit_one(self, live: _Live) -> None:
-        """Hand a streamed row the text it gained (up to the last space, as transformers' streamers do, since
-        the end of a word may still change)."""
+        """Hand a streamed row the text it gained, token by token: all of the decoded text but trailing white
+        space (the tokenizer's clean-up may drop a space before punctuation that comes next) and an incomplete
+        character (a byte-level token that ends mid-character decodes to U+FFFD until the rest comes)."""
         if live.request.events is None or live.request.cancel.is_set():
             return
         with self.tokenizer_lock:
             text = self.tokenizer.decode(live.row.generated, skip_special_tokens=True)
-        done = live.row.finish is not None or text.endswith("\n")
-        end = len(text) if done else text.rfind(" ") + 1
-        if end > live.sent:
-            live.request.events.put(("piece", text[live.sent:end]))
-            live.sent = end
+        if live.row.finish is None:
+            if text.endswith("\ufffd"):
+                return
+            text = text.rstrip()
+        if len(text) > live.sent:
+            live.request.events.put(("piece", text[live.sent:]))
+            live.sent = len(text)
 
     def _drop_ended(self) -> None:
         ended = [live.row.finish is not None or live.request.cancel.is_set() for live in self._live]
