@@ -24,8 +24,8 @@ def _ids(tok, prompt: str) -> list[int]:
 
 @pytest.mark.parametrize("params", [{}, {"repetition_penalty": 1.3}])
 def test_rows_joining_and_leaving_between_tokens_give_solo_greedy_tokens(tiny, params):
-    from smolora_mlflow.models.decoding import Row, RowBatch, eos_ids
     from smolora_mlflow.models.generation import generate, resolve_params
+    from smolora_mlflow.models.row_batch import Row, RowBatch, eos_ids
 
     model, tok = tiny
     lengths = [16, 5, 12, 9, 20]  # rows leave at different steps, and the cache is re-cut as they do

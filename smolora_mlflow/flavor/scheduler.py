@@ -1,7 +1,7 @@
 """One generation scheduler per served model: it owns the model, and every request goes through it.
 
 ``/invocations`` (``predict``), the OpenAI endpoints (streamed or not) and ``/stream`` all submit here.
-A scheduler thread runs one :class:`~smolora_mlflow.models.decoding.RowBatch`: between two tokens it
+A scheduler thread runs one :class:`~smolora_mlflow.models.row_batch.RowBatch`: between two tokens it
 admits the requests that arrived (each prompt becomes a row, prefilled and merged into the running
 batch), drops the rows that finished or whose client left, and steps every row by one token in one
 forward. So a short request never waits for a long stream to end (it joins at the next token), streams
@@ -11,7 +11,7 @@ token with its own params). A stream's row hands each new piece of text to its o
 
 What runs as a whole ``generate`` call instead (grouped, between two tokens of the running batch):
 seeded sampling, whose random stream belongs to the call (``generate([p], seed=s)`` and the served
-answer stay equal); and every request of a model :func:`~smolora_mlflow.models.decoding.supports_rows`
+answer stay equal); and every request of a model :func:`~smolora_mlflow.models.row_batch.supports_rows`
 refuses.
 
 An idle scheduler that gets a request waits a short gap for company (``window_s``, longer while requests
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smolora_mlflow.flavor.batching import BatcherStats
-from smolora_mlflow.models.decoding import Row, RowBatch, eos_ids, generate_ids, supports_rows
+from smolora_mlflow.models.row_batch import Row, RowBatch, eos_ids, generate_ids, supports_rows
 
 logger = logging.getLogger(__name__)
 
