@@ -123,6 +123,17 @@ class SmoloraConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata=_help("Training dtype; `auto` is bf16 on capable CUDA, else float32.")
     )
+    merged_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata=_help("dtype the merged model is saved in (the merge itself runs in float32 and is checked "
+                       "there); `auto` is the base checkpoint's dtype (its config.json `dtype`), float32 if none."),
+    )
+    hub_kernels: bool = field(
+        default=False,
+        metadata=_help("Let transformers replace layers with compiled kernels it DOWNLOADS FROM THE HUGGING FACE "
+                       "HUB and runs (`use_kernels`), in training, merging, evaluation and serving. Off unless you "
+                       "trust that code, like trust_remote_code; offline it fails."),
+    )
     # --- MLflow ---
     tracking: bool = field(default=True, metadata=_help("Log the run to MLflow."))
     tracking_uri: str | None = field(

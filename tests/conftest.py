@@ -106,3 +106,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def kernelize_calls(monkeypatch):
+    """Every call transformers makes to ``kernels.kernelize`` (the real one still runs, finding no CPU
+    kernels); the tests assert the list stays empty unless Hub kernels were asked for."""
+    import kernels
+    import transformers.integrations.hub_kernels as hub_kernels
+
+    calls: list[dict] = []
+    real = hub_kernels._kernels_kernelize  # bound by transformers at import: `from kernels import kernelize`
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hub_kernels, "_kernels_kernelize", spy)
+    monkeypatch.setattr(kernels, "kernelize", spy)
+    return calls

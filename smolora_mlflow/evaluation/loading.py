@@ -97,8 +97,11 @@ def training_config_of(ref: str | os.PathLike) -> SmoloraConfig | None:
     return SmoloraConfig.from_dict({k: v for k, v in values.items() if k not in drop})
 
 
-def load_for_inference(ref: str | os.PathLike, *, device: str = "auto") -> LoadedModel:
+def load_for_inference(ref: str | os.PathLike, *, device: str = "auto", hub_kernels: bool = False) -> LoadedModel:
     """Load the model ``ref`` names as ``(model, tokenizer)`` in eval mode.
+
+    ``hub_kernels`` lets transformers use kernels from the Hub (see ``load_causal_lm``); an MLflow model
+    also uses them when its flavor block says it was saved with them.
 
     Raises:
         FileNotFoundError: a path that holds no model, or a run that logged none.
@@ -106,47 +109,51 @@ def load_for_inference(ref: str | os.PathLike, *, device: str = "auto") -> Loade
     parsed = parse_model_ref(ref)
     if parsed.kind == "run" and parsed.artifact_path is None:
         uri = logged_model_uri_of_run(parsed.run_id)
-        return _load_mlflow_model(uri, device) if uri is not None else _load_run_adapter(parsed, device)
+        if uri is not None:
+            return _load_mlflow_model(uri, device, hub_kernels)
+        return _load_run_adapter(parsed, device, hub_kernels)
     if parsed.kind == "logged_model":
-        return _load_mlflow_model(f"models:/{parsed.model_id}", device)
+        return _load_mlflow_model(f"models:/{parsed.model_id}", device, hub_kernels)
     if parsed.is_mlflow:
-        return _load_mlflow_model(parsed.text, device)
+        return _load_mlflow_model(parsed.text, device, hub_kernels)
     if parsed.text == DEMO_MODEL:
         from smolora_mlflow.models.pretrained import resolve_model_path
 
-        return _load_hf(resolve_model_path(parsed.text), device, source=parsed.text)
+        return _load_hf(resolve_model_path(parsed.text), device, source=parsed.text, hub_kernels=hub_kernels)
     path = Path(parsed.text).expanduser()
     if (path / "MLmodel").is_file():
-        return _load_mlflow_model(str(path.resolve()), device)
+        return _load_mlflow_model(str(path.resolve()), device, hub_kernels)
     if (path / "adapter_config.json").is_file():
-        return _load_adapter(path, None, device)
+        return _load_adapter(path, None, device, hub_kernels=hub_kernels)
     if (path / "config.json").is_file():
-        return _load_hf(str(path.resolve()), device, source=str(path))
+        return _load_hf(str(path.resolve()), device, source=str(path), hub_kernels=hub_kernels)
     raise FileNotFoundError(f"no model at {parsed.text!r}; pass {MODEL_REF_HELP}.")
 
 
-def _load_mlflow_model(uri: str, device: str) -> LoadedModel:
+def _load_mlflow_model(uri: str, device: str, hub_kernels: bool = False) -> LoadedModel:
     import mlflow
 
     from smolora_mlflow import flavor
 
-    model, tokenizer = flavor.load_model(uri, device=device)
+    # Asked for here, or recorded in the flavor block when it was saved (None defers to the block).
+    model, tokenizer = flavor.load_model(uri, device=device, hub_kernels=True if hub_kernels else None)
     conf = mlflow.models.get_model_info(uri).flavors.get(C.FLAVOR_NAME) or {}
     return LoadedModel(model.eval(), tokenizer, uri, conf.get("prompt_format") or "plain")
 
 
-def _load_hf(path: str, device: str, *, source: str) -> LoadedModel:
+def _load_hf(path: str, device: str, *, source: str, hub_kernels: bool = False) -> LoadedModel:
     from smolora_mlflow.models import pretrained
     from smolora_mlflow.models.generation import resolve_device
 
     dev = resolve_device(device)
     tokenizer = pretrained.load_tokenizer(path)
-    model = pretrained.load_causal_lm(path, dtype=pretrained.resolve_dtype("auto", dev.type), device=dev)
+    model = pretrained.load_causal_lm(path, dtype=pretrained.resolve_dtype("auto", dev.type), device=dev,
+                                      hub_kernels=hub_kernels)
     return LoadedModel(model.eval(), tokenizer, source)
 
 
 def _load_adapter(adapter_dir: Path, base_model: str | None, device: str, source: str | None = None,
-                  prompt_format: str | None = None) -> LoadedModel:
+                  prompt_format: str | None = None, hub_kernels: bool = False) -> LoadedModel:
     """The adapter merged into its base; the prompt format as recorded, else as training's `auto` chose it."""
     from smolora_mlflow.models import adapters, pretrained
     from smolora_mlflow.models.generation import resolve_device, resolve_prompt_format
@@ -154,14 +161,15 @@ def _load_adapter(adapter_dir: Path, base_model: str | None, device: str, source
     path = pretrained.resolve_model_path(base_model or adapters.recorded_base(adapter_dir))
     dev = resolve_device(device)
     tokenizer = pretrained.load_tokenizer(path)
-    model = pretrained.load_causal_lm(path, dtype=pretrained.resolve_dtype("auto", dev.type))
+    model = pretrained.load_causal_lm(path, dtype=pretrained.resolve_dtype("auto", dev.type),
+                                      hub_kernels=hub_kernels)
     adapters.check_adapter_matches_base(adapter_dir, path, model)
     model = adapters.apply_adapter(model, adapter_dir, merge=True)
     fmt = prompt_format or resolve_prompt_format("auto", tokenizer, base_model or adapters.recorded_base(adapter_dir))
     return LoadedModel(model.to(dev).eval(), tokenizer, source or str(adapter_dir), fmt)
 
 
-def _load_run_adapter(ref: ModelRef, device: str) -> LoadedModel:
+def _load_run_adapter(ref: ModelRef, device: str, hub_kernels: bool = False) -> LoadedModel:
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -171,7 +179,8 @@ def _load_run_adapter(ref: ModelRef, device: str) -> LoadedModel:
     local = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=C.ARTIFACT_ADAPTER)
     tags = client.get_run(ref.run_id).data.tags
     return _load_adapter(Path(local), tags.get(C.TAG_BASE_MODEL), device,
-                         source=f"runs:/{ref.run_id}/{C.ARTIFACT_ADAPTER}", prompt_format=tags.get(C.TAG_PROMPT_FORMAT))
+                         source=f"runs:/{ref.run_id}/{C.ARTIFACT_ADAPTER}", prompt_format=tags.get(C.TAG_PROMPT_FORMAT),
+                         hub_kernels=hub_kernels)
 
 
 def model_id_of(ref: str | os.PathLike) -> str | None:

@@ -25,7 +25,7 @@ from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor import files
 from smolora_mlflow.flavor.adapter_set import REFS_FILE, _fetch, _Resolved
 from smolora_mlflow.models import manifest
-from smolora_mlflow.models.pretrained import quiet_upstream_deprecations
+from smolora_mlflow.models.pretrained import load_causal_lm, quiet_upstream_deprecations
 
 logger = logging.getLogger(__name__)
 
@@ -200,16 +200,16 @@ def _verified_refs(model_root: Path, conf: dict[str, Any]) -> dict[str, str]:
 
 
 def load(model_root: Path, conf: dict[str, Any], *, device, torch_dtype, base_model_path: str | None,
-         refresh_seconds: float | None = None) -> tuple[Any, Any, AdapterPool]:
+         refresh_seconds: float | None = None, hub_kernels: bool = False) -> tuple[Any, Any, AdapterPool]:
     """(PeftModel with every adapter, tokenizer, pool) for an adapter-set model folder."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     files.verify_files(model_root / conf["data"], conf.get("file_sha256") or {})
     refs = _verified_refs(model_root, conf)
     base_dir = files.locate_base(conf, base_model_path)
     files.check_base_hash(base_dir, conf)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
+    base = load_causal_lm(base_dir, dtype=torch_dtype, hub_kernels=hub_kernels)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     with tempfile.TemporaryDirectory() as tmp:
         base_sha = conf.get("base_model_sha256")

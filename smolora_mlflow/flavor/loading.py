@@ -23,10 +23,11 @@ _logger = logging.getLogger(__name__)
 
 
 def _torch_dtype(dtype: Any, device) -> Any:
+    """The dtype to load in: None is the saved one (``auto`` reads the checkpoint's config.json)."""
     import torch
 
     if dtype is None:
-        return torch.float32 if device.type in ("cpu", "mps") else "auto"
+        return "auto"
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,20 +40,27 @@ def _torch_dtype(dtype: Any, device) -> Any:
 
 def _load_model(
     model_root: Path, conf: dict[str, Any], *, device: str = "auto", dtype: Any = None, merge: bool = True,
-    base_model_path: str | None = None,
+    base_model_path: str | None = None, hub_kernels: bool | None = None,
 ) -> tuple[Any, Any]:
-    """Verify the files, then load (model, tokenizer) with transformers (and peft for adapters)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Verify the files, then load (model, tokenizer) with transformers (and peft for adapters).
+
+    Hub kernels stay off unless the flavor block says the model was trained with them (``hub_kernels``)
+    or ``hub_kernels`` asks here; :func:`load_causal_lm` is the one place that passes it to transformers.
+    """
+    from transformers import AutoTokenizer
+
+    from smolora_mlflow.models.pretrained import load_causal_lm
 
     data_dir = model_root / conf["data"]
     manifest.refuse_unlisted_files(data_dir, conf.get("file_sha256") or {})
     dev = resolve_device(device)
     torch_dtype = _torch_dtype(dtype, dev)
+    kernels = _hub_kernels(conf, hub_kernels)
     if conf["mode"] == adapter_set.MODE:
         from smolora_mlflow.flavor import adapter_pool
 
         return adapter_pool.load(model_root, conf, device=dev, torch_dtype=torch_dtype,
-                                 base_model_path=base_model_path, refresh_seconds=0)[:2]
+                                 base_model_path=base_model_path, refresh_seconds=0, hub_kernels=kernels)[:2]
     if conf["mode"] == "merged":
         # Hash the files while transformers reads them (hashlib and safetensors both leave the GIL), and
         # hand nothing back until the hashes match: a tampered file is parsed (safetensors and JSON run no
@@ -60,7 +68,7 @@ def _load_model(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="smolora-verify") as pool:
             verified = pool.submit(files.verify_files, data_dir, conf.get("file_sha256") or {})
             try:
-                model = AutoModelForCausalLM.from_pretrained(data_dir, dtype=torch_dtype, use_safetensors=True)
+                model = load_causal_lm(data_dir, dtype=torch_dtype, hub_kernels=kernels)
                 tokenizer = AutoTokenizer.from_pretrained(data_dir)
             finally:
                 verified.result()
@@ -70,10 +78,20 @@ def _load_model(
         files.verify_files(data_dir, conf.get("file_sha256") or {})
         base_dir = files.locate_base(conf, base_model_path)
         files.check_base_hash(base_dir, conf)
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
+        base = load_causal_lm(base_dir, dtype=torch_dtype, hub_kernels=kernels)
         model = apply_adapter(base, data_dir, merge=merge)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
     return model.to(dev).eval(), tokenizer
+
+
+def _hub_kernels(conf: dict[str, Any], asked: Any) -> bool:
+    """``hub_kernels`` as asked (model_config, an argument), else as the flavor block recorded it, else off."""
+    value = conf.get("hub_kernels", False) if asked is None else asked
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # model_config from a CLI/env
+        value = value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise invalid_input(f"`hub_kernels` must be true or false, got {value!r}.")
+    return value
 
 
 def _model_root(path: str) -> Path:
@@ -82,10 +100,12 @@ def _model_root(path: str) -> Path:
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _SmoloraPyfuncWrapper:
-    """Called by ``mlflow.pyfunc.load_model``. ``model_config`` keys: device, dtype, base_model_path,
-    batch_size, coalesce_window_ms, max_batch_size, max_prompts_per_request, max_prompt_chars,
-    server_threads (requests ``mlflow models serve`` lets into predict at once; 0 keeps MLflow's pool),
-    refresh_seconds (adapter sets: how often aliases are re-resolved; 0 never)."""
+    """Called by ``mlflow.pyfunc.load_model``. ``model_config`` keys: device, dtype (default: the saved
+    dtype), base_model_path, batch_size, coalesce_window_ms, max_batch_size, max_prompts_per_request,
+    max_prompt_chars, server_threads (requests ``mlflow models serve`` lets into predict at once; 0 keeps
+    MLflow's pool), refresh_seconds (adapter sets: how often aliases are re-resolved; 0 never), hub_kernels
+    (default: as the flavor block records), cache_implementation (auto|dynamic|static) and compile
+    (auto|true|false), see :func:`smolora_mlflow.models.generation.decode_settings`."""
     log_to_stderr_if_asked()
     # MLflow passes every key the MLmodel declares (None when unset) updated with the caller's
     cfg = {k: v for k, v in (model_config or {}).items() if v is not None}
@@ -97,6 +117,7 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Smol
     manifest.check_environment(conf)  # `smolora serve` looked up the digest of the URI it serves
     manifest.check_logged_model(root, conf)
     refresh = cfg.pop("refresh_seconds", None)
+    kernels = _hub_kernels(conf, cfg.pop("hub_kernels", None))
     if conf["mode"] == adapter_set.MODE:  # several adapters on one base: see flavor/adapter_set.py
         from smolora_mlflow.flavor import adapter_pool
 
@@ -104,18 +125,18 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Smol
         dev = resolve_device(cfg.pop("device", "auto"))
         model, tokenizer, pool = adapter_pool.load(
             root, conf, device=dev, torch_dtype=_torch_dtype(cfg.pop("dtype", None), dev),
-            base_model_path=cfg.pop("base_model_path", None), refresh_seconds=refresh)
+            base_model_path=cfg.pop("base_model_path", None), refresh_seconds=refresh, hub_kernels=kernels)
         wrapper = _SmoloraPyfuncWrapper(model, tokenizer, conf, adapters=pool, **cfg)
         pool.start()
         return wrapper
     model, tokenizer = _load_model(root, conf, device=cfg.pop("device", "auto"), dtype=cfg.pop("dtype", None),
-                                   base_model_path=cfg.pop("base_model_path", None))
+                                   base_model_path=cfg.pop("base_model_path", None), hub_kernels=kernels)
     return _SmoloraPyfuncWrapper(model, tokenizer, conf, **cfg)
 
 
 def load_model(
     model_uri: str, dst_path: str | None = None, device: str = "auto", dtype: Any = None,
-    merge: bool = True, base_model_path: str | None = None,
+    merge: bool = True, base_model_path: str | None = None, hub_kernels: bool | None = None,
 ) -> tuple[Any, Any]:
     """Load a smolora model as native ``(model, tokenizer)`` objects.
 
@@ -123,10 +144,12 @@ def load_model(
         model_uri: ``runs:/<id>/model``, ``models:/<name>@<alias>``, a local folder, ...
         dst_path: where to download the artifacts.
         device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``...
-        dtype: ``None`` (float32 on CPU/MPS, the checkpoint's dtype on CUDA), a name or a torch.dtype.
+        dtype: ``None`` (the dtype it was saved in), a name or a torch.dtype.
         merge: adapter mode: merge the adapter into the base (``merge_and_unload``); False keeps a
             ``PeftModel``.
         base_model_path: adapter mode: where the base model lives on this machine, if not where it was.
+        hub_kernels: let transformers download and run Hub kernels; None: as the flavor block records (off
+            unless the model was saved with ``hub_kernels``).
 
     Example:
         >>> model, tokenizer = load_model("models:/reviews@production", device="cpu")
@@ -136,4 +159,4 @@ def load_model(
     conf = files.read_flavor_conf(local)
     manifest.check(conf, expected)
     return _load_model(Path(local), conf, device=device, dtype=dtype, merge=merge,
-                       base_model_path=base_model_path)
+                       base_model_path=base_model_path, hub_kernels=hub_kernels)

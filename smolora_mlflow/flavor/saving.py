@@ -34,7 +34,7 @@ from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
 from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor import files
 from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS
-from smolora_mlflow.models import manifest
+from smolora_mlflow.models import manifest, pretrained
 
 _logger = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def save_model(
     generation_defaults: dict[str, Any] | None = None,
     max_new_tokens_limit: int = 1024,
     max_prompt_tokens: int | None = None,
+    hub_kernels: bool = False,
     signature: ModelSignature | None = None,
     input_example: Any = None,
     pip_requirements: list[str] | str | None = None,
@@ -120,6 +121,8 @@ def save_model(
         generation_defaults: defaults for generation params (over the model's generation_config).
         max_new_tokens_limit: largest ``max_new_tokens`` a request may ask for.
         max_prompt_tokens: longest prompt (in tokens) a request may send; the context always applies.
+        hub_kernels: recorded in the flavor block; the loader then lets transformers fetch and run compiled
+            kernels from the Hugging Face Hub (``use_kernels=True``). Off: no code is downloaded.
         signature, input_example: default to ``prompt -> generated_text`` with a params schema.
         pip_requirements, extra_pip_requirements, conda_env: as in MLflow; requirements are inferred
             from the saved model when none are given.
@@ -142,8 +145,12 @@ def save_model(
         config_dir = data_dir if mode == "merged" else files.local_base_dir(conf["base_model"])
         defaults = files.generation_defaults(config_dir, generation_defaults, max_new_tokens_limit)
         prompt_format, why = _decide_format(prompt_format, data_dir if mode == "merged" else config_dir)
+        if not isinstance(hub_kernels, bool):
+            raise invalid_input(f"`hub_kernels` must be true or false, got {hub_kernels!r}.")
+        # The dtype the weights are saved in (merged) or the base's (adapter): what the loader loads by default.
+        saved_dtype = pretrained.checkpoint_dtype(config_dir) if config_dir is not None else None
         conf.update(prompt_format=prompt_format, prompt_format_reason=why, generation_defaults=defaults,
-                    max_new_tokens_limit=max_new_tokens_limit,
+                    dtype=saved_dtype, hub_kernels=hub_kernels, max_new_tokens_limit=max_new_tokens_limit,
                     max_prompt_tokens=max_prompt_tokens, context_length=files.context_length(config_dir))
         mlflow_model = mlflow_model or Model()
         _save_example(mlflow_model, files.default_input_example(defaults) if input_example is None
@@ -185,6 +192,7 @@ def log_model(
     generation_defaults: dict[str, Any] | None = None,
     max_new_tokens_limit: int = 1024,
     max_prompt_tokens: int | None = None,
+    hub_kernels: bool = False,
     signature: ModelSignature | None = None,
     input_example: Any = None,
     pip_requirements: list[str] | str | None = None,
@@ -215,7 +223,8 @@ def log_model(
         adapter_dir=adapter_dir, base_model=base_model, base_model_revision=base_model_revision,
         base_model_sha256=base_model_sha256, lora_config=lora_config, training_run_id=training_run_id,
         prompt_format=prompt_format, model_card=model_card, generation_defaults=generation_defaults,
-        max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens, signature=signature,
+        max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens, hub_kernels=hub_kernels,
+        signature=signature,
         input_example=input_example, pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements, conda_env=conda_env, code_paths=code_paths, **kwargs,
     )

@@ -123,11 +123,12 @@ class GenerationScheduler:
         max_batch_size: most rows generated at once; more wait for a row to free.
         prefill_batch: most prompts prefilled in one forward.
         window_s: the quiet gap an idle scheduler waits for company; ``max_wait_s`` bounds the whole wait.
+        decode: the ``DecodeSettings`` of whole ``generate`` calls; a static cache makes every call whole.
     """
 
     def __init__(self, model, tokenizer, *, tokenizer_lock: threading.Lock, adapters: Any = None,
                  max_batch_size: int = 32, prefill_batch: int = 8, window_s: float = 0.0,
-                 max_wait_s: float = 0.05):
+                 max_wait_s: float = 0.05, decode: Any = None):
         if max_batch_size < 1:
             raise ValueError(f"`max_batch_size` must be >= 1, got {max_batch_size}.")
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
@@ -137,7 +138,13 @@ class GenerationScheduler:
         self.observer: Any = Observer()
         self.stats = BatcherStats()
         self.lock = threading.Lock()  # held while the model runs; adapters are swapped between tokens
+        self.decode = decode  # models.decoding.DecodeSettings, for whole generate calls
         self.rows_supported, self.rows_reason = supports_rows(model)
+        if self.rows_supported and getattr(decode, "cache_implementation", None) == "static":
+            # The static cache (compiled on CUDA by `decode_settings`' auto) is a whole-call shape: the rows' cache
+            # grows and shrinks. Not measured against the rows on a GPU yet; `cache_implementation: dynamic` in
+            # the model config gives a GPU the rows.
+            self.rows_supported, self.rows_reason = False, "the static KV cache was chosen (whole generate calls)"
         logger.info("Generation scheduler: %s (%s).", "rows join and leave between tokens" if self.rows_supported
                     else "whole generate calls", self.rows_reason)
         self._eos = eos_ids(model, tokenizer)
@@ -355,7 +362,8 @@ class GenerationScheduler:
 
             try:
                 ids = generate_ids(self.model, self.tokenizer, [r.prompts[i] for r, i in chunk], adapter_names=names,
-                                   on_token=self._streaming(streams, on_token), **chunk[0][0].params)
+                                   on_token=self._streaming(streams, on_token), decode=self.decode,
+                                   **chunk[0][0].params)
             except BaseException as e:
                 for request in group:
                     self._fail(request, e)

@@ -35,13 +35,14 @@ from smolora_mlflow.flavor.inputs import (
     validate_params,
 )
 from smolora_mlflow.flavor.scheduler import Completion, GenerationScheduler, TokenStream
-from smolora_mlflow.models.generation import count_tokens
+from smolora_mlflow.models.generation import count_tokens, decode_settings, warm_up
 
 DEFAULT_ADAPTER = "default"  # the label of a single model's requests in metrics
 # What `model_config` (pyfunc.load_model, SERVING_MODEL_CONFIG) may set; the MLmodel declares each key, since
 # MLflow drops the keys a model does not declare.
 MODEL_CONFIG_KEYS = ("device", "dtype", "base_model_path", "batch_size", "coalesce_window_ms", "max_batch_size",
-                     "max_prompts_per_request", "max_prompt_chars", "server_threads", "refresh_seconds")
+                     "max_prompts_per_request", "max_prompt_chars", "server_threads", "refresh_seconds",
+                     "hub_kernels", "cache_implementation", "compile")
 
 
 def check_adapter_type(adapter: Any) -> None:
@@ -73,7 +74,8 @@ class _SmoloraPyfuncWrapper:
     def __init__(self, model, tokenizer, conf: dict[str, Any], *, batch_size: int = 8,
                  coalesce_window_ms: float | None = None, max_batch_size: int = 32,
                  max_prompts_per_request: int = 256, max_prompt_chars: int = 100_000,
-                 server_threads: int | None = None, adapters: Any = None):
+                 server_threads: int | None = None, adapters: Any = None, cache_implementation: str = "auto",
+                 compile: str | bool = "auto"):
         self.model, self.tokenizer = model, tokenizer
         self.adapters = adapters  # an AdapterSet, or None for a single model
         self.defaults = dict(conf.get("generation_defaults") or {})
@@ -83,6 +85,11 @@ class _SmoloraPyfuncWrapper:
         self.context_length = getattr(model.config, "max_position_embeddings", None) or conf.get(
             "context_length")
         self.batch_size = int(batch_size)
+        try:  # generate runs batches of 1 (streams) and of batch_size: the shapes a compiled decode step needs
+            self.decode = decode_settings(model, cache_implementation, compile, (1, self.batch_size))
+        except ValueError as e:
+            raise invalid_input(str(e)) from e
+        warm_up(model, tokenizer, self.decode)  # compile now, not in the first request
         # One request must not be able to exhaust memory or hold the model for minutes.
         self.max_prompts_per_request = int(max_prompts_per_request)
         self.max_prompt_chars = int(max_prompt_chars)
@@ -94,7 +101,7 @@ class _SmoloraPyfuncWrapper:
         window = (0.005 if in_server else 0.0) if coalesce_window_ms is None else float(coalesce_window_ms) / 1000
         self.scheduler = GenerationScheduler(model, tokenizer, tokenizer_lock=self._tokenizer_lock, adapters=adapters,
                                              max_batch_size=int(max_batch_size), prefill_batch=self.batch_size,
-                                             window_s=window)
+                                             window_s=window, decode=self.decode)
         if adapters is not None:
             adapters.lock = self.scheduler.lock  # adapters are swapped between tokens, never during a forward
             # A weak reference: the pool must not keep the scheduler (and the model) alive, so the pool's refresh

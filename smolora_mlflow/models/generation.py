@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
+from smolora_mlflow.models.decoding import DYNAMIC, DecodeSettings, decode_settings
+
 if TYPE_CHECKING:
     import torch
 
@@ -76,7 +78,16 @@ def resolve_params(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return {**GENERATION_DEFAULTS, **params}
 
 
-def _generate_kwargs(model, tokenizer, p: Mapping[str, Any]) -> dict[str, Any]:
+def generate_kwargs(model, tokenizer, p: Mapping[str, Any], decode: DecodeSettings = DYNAMIC,
+                    prompt_tokens: int = 0) -> dict[str, Any]:
+    """The ``model.generate`` kwargs for resolved params ``p``: the one place that chooses them.
+
+    Args:
+        model, tokenizer: the model and its tokenizer.
+        p: params resolved by :func:`resolve_params`.
+        decode: the cache and compilation (see :func:`decode_settings`).
+        prompt_tokens: the padded prompt width of the batch (sizes a static cache).
+    """
     kwargs: dict[str, Any] = {
         "max_new_tokens": int(p["max_new_tokens"]),
         "do_sample": bool(p["do_sample"]),
@@ -91,7 +102,32 @@ def _generate_kwargs(model, tokenizer, p: Mapping[str, Any]) -> dict[str, Any]:
     if gen_cfg is None or gen_cfg.pad_token_id is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         kwargs["pad_token_id"] = pad
+    if decode.cache_implementation == "static":
+        step = decode.cache_len_step
+        needed = int(prompt_tokens) + kwargs["max_new_tokens"]
+        kwargs.update(cache_implementation="static", max_cache_len=-(-needed // step) * step,
+                      disable_compile=not decode.compile)
     return kwargs
+
+
+def _bucket(n: int, decode: DecodeSettings) -> int:
+    """The batch size a batch of ``n`` prompts runs at: the next warmed-up size, else ``n``."""
+    return next((b for b in decode.batch_sizes if b >= n), n)
+
+
+def warm_up(model, tokenizer, decode: DecodeSettings, max_new_tokens: int = 4) -> float:
+    """Run one short ``generate`` per batch size of ``decode`` so compilation happens now, not in the first
+    request; returns the seconds it took (0 when nothing compiles)."""
+    import time
+
+    if not decode.compile:
+        return 0.0
+    started = time.monotonic()
+    for size in decode.batch_sizes or (1,):
+        generate(model, tokenizer, ["Hello"] * size, batch_size=size, decode=decode, max_new_tokens=max_new_tokens)
+    took = time.monotonic() - started
+    logger.info("Compiled the decode step for batch sizes %s in %.1f s.", list(decode.batch_sizes), took)
+    return took
 
 
 def _encode(tokenizer, prompts: list[str], device) -> dict[str, Any]:
@@ -121,7 +157,7 @@ def count_tokens(tokenizer, prompt: str) -> int:
 
 def generate(
     model, tokenizer, prompts: list[str], *, batch_size: int = 8, adapter_names: list[str] | None = None,
-    **params: Any
+    decode: DecodeSettings | None = None, **params: Any
 ) -> list[str]:
     """Generate one completion per prompt, in order, with one ``model.generate`` call per batch.
 
@@ -132,6 +168,8 @@ def generate(
         batch_size: prompts per ``model.generate`` call.
         adapter_names: a ``PeftModel`` with several adapters loaded: the adapter of each prompt (PEFT's
             mixed-adapter batches; ``"__base__"`` for none), so prompts for different adapters share a call.
+        decode: the KV cache and compilation (:func:`decode_settings`); None: ``decode_settings(model)``, the
+            static cache compiled on CUDA where supported, the measured faster cache on the CPU.
         **params: keys of ``GENERATION_DEFAULTS``. Greedy unless ``do_sample``; ``seed >= 0`` seeds
             torch once per call; ``return_full_text`` prepends each prompt to its completion.
 
@@ -151,8 +189,8 @@ def generate(
     p = resolve_params(params)
     if not prompts:
         return []
-    kwargs = _generate_kwargs(model, tokenizer, p)
     device = next(model.parameters()).device
+    decode = decode_settings(model) if decode is None else decode
     if int(p["seed"]) >= 0:
         torch.manual_seed(int(p["seed"]))
     if adapter_names is not None and len(adapter_names) != len(prompts):
@@ -162,12 +200,16 @@ def generate(
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        enc = _encode(tokenizer, batch, device)
+        # Compiled decoding: pad to a warmed-up batch size (rows decode independently) instead of compiling anew.
+        filler = _bucket(len(batch), decode) - len(batch)
+        enc = _encode(tokenizer, batch + batch[-1:] * filler, device)
         if adapter_names is not None:
-            enc["adapter_names"] = list(adapter_names[start : start + batch_size])
+            names = list(adapter_names[start : start + batch_size])
+            enc["adapter_names"] = names + names[-1:] * filler
+        kwargs = generate_kwargs(model, tokenizer, p, decode, prompt_tokens=enc["input_ids"].shape[1])
         with torch.inference_mode():
             seqs = model.generate(**enc, **kwargs)
-        new_tokens = seqs[:, enc["input_ids"].shape[1] :]
+        new_tokens = seqs[: len(batch), enc["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         out.extend(pr + t if p["return_full_text"] else t for pr, t in zip(batch, texts, strict=True))
     return out
@@ -187,7 +229,8 @@ def _cancel_criteria(cancel: threading.Event):
 
 def stream(
     model, tokenizer, prompt: str, *, lock: threading.Lock | None = None,
-    adapter_name: str | Callable[[], str] | None = None, cancel: threading.Event | None = None, **params: Any
+    adapter_name: str | Callable[[], str] | None = None, cancel: threading.Event | None = None,
+    decode: DecodeSettings | None = None, **params: Any
 ) -> Iterator[str]:
     """Yield the completion of ``prompt`` piece by piece; the pieces join to ``generate([prompt])[0]``.
 
@@ -196,7 +239,7 @@ def stream(
     ``cancel``, or closing the iterator early (a client that went away), stops ``generate`` at the next
     token, so the lock is not held for a completion nobody reads. ``adapter_name`` picks one adapter of a
     multi-adapter ``PeftModel``; a callable is asked for it once ``lock`` is held, so an adapter swapped while
-    this stream waited is never asked for.
+    this stream waited is never asked for. ``decode`` as in :func:`generate` (a batch of one).
 
     Example:
         >>> "".join(stream(model, tokenizer, "Hello", max_new_tokens=4))
@@ -208,9 +251,10 @@ def stream(
     if not isinstance(prompt, str):
         raise TypeError(f"`prompt` must be a string, got {type(prompt).__name__}.")
     p = resolve_params(params)
-    kwargs = _generate_kwargs(model, tokenizer, p)
     device = next(model.parameters()).device
     enc = _encode(tokenizer, [prompt], device)
+    decode = decode_settings(model) if decode is None else decode
+    kwargs = generate_kwargs(model, tokenizer, p, decode, prompt_tokens=enc["input_ids"].shape[1])
     cancel = cancel or threading.Event()
     kwargs["stopping_criteria"] = _cancel_criteria(cancel)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -96,15 +96,34 @@ def load_tokenizer(path_or_id: str, *, revision: str | None = None, trust_remote
 
 
 def load_causal_lm(
-    path_or_id: str,
+    path_or_id: str | os.PathLike,
     *,
     revision: str | None = None,
     trust_remote_code: bool = False,
     dtype: Any = None,
     device: Any = None,
+    hub_kernels: bool = False,
+    **from_pretrained_kwargs: Any,
 ):
-    """Load a causal LM with safetensors only; a clear error when the folder is not a causal LM."""
+    """Load a causal LM with safetensors only and Hub kernels off; a clear error when it is not a causal LM.
+
+    Every model this project loads (training, merge, evaluation, the flavor's loader, adapter sets) comes
+    through here, so what is allowed to run is decided in one place.
+
+    Args:
+        path_or_id: a ``save_pretrained`` folder or a hub id.
+        revision, trust_remote_code: as in ``from_pretrained``.
+        dtype: a torch dtype, ``"auto"`` (the checkpoint's) or None (float32).
+        device: moved there after loading.
+        hub_kernels: let transformers replace layers with compiled kernels downloaded from the Hugging Face
+            Hub (``use_kernels=True``). transformers 5 does so by default (unless ``USE_HUB_KERNELS`` says
+            no), and ``model.train()`` on CUDA then resolves kernels from the Hub: offline that fails, online
+            it runs code nobody asked for. Off unless asked, like ``trust_remote_code``.
+        **from_pretrained_kwargs: anything else ``from_pretrained`` takes (e.g. ``quantization_config``).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    path_or_id = str(path_or_id)
 
     try:
         config = AutoConfig.from_pretrained(path_or_id, revision=revision, trust_remote_code=trust_remote_code)
@@ -122,6 +141,9 @@ def load_causal_lm(
             trust_remote_code=trust_remote_code,
             dtype=dtype,
             use_safetensors=True,
+            # Explicit, never None: None means "on" in transformers 5 (see the docstring).
+            use_kernels=bool(hub_kernels),
+            **from_pretrained_kwargs,
         )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
@@ -133,6 +155,31 @@ def load_causal_lm(
     if device is not None:
         model.to(device)
     return model
+
+
+def checkpoint_dtype(path_or_id: str | os.PathLike, *, revision: str | None = None,
+                     trust_remote_code: bool = False) -> str | None:
+    """The dtype a checkpoint's ``config.json`` records (``dtype``, or the older ``torch_dtype``), e.g.
+    ``"bfloat16"``; None when it records none.
+
+    Example:
+        >>> checkpoint_dtype("HuggingFaceTB/SmolLM2-360M")  # doctest: +SKIP
+        'bfloat16'
+    """
+    import json
+
+    config_file = Path(path_or_id) / "config.json"
+    if config_file.is_file():
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        value = raw.get("dtype") or raw.get("torch_dtype")
+    else:
+        from transformers import AutoConfig
+
+        value = getattr(AutoConfig.from_pretrained(str(path_or_id), revision=revision,
+                                                   trust_remote_code=trust_remote_code), "dtype", None)
+    if value is None:
+        return None
+    return str(value).removeprefix("torch.")
 
 
 _LM_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")

@@ -235,21 +235,23 @@ class RowBatch:
 
 
 def generate_ids(model, tokenizer, prompts: list[str], *, adapter_names: list[str] | None = None,
-                 on_token: Any = None, **params: Any) -> list[list[int]]:
+                 on_token: Any = None, decode: Any = None, **params: Any) -> list[list[int]]:
     """The new token ids of each prompt from one ``model.generate`` call, cut after each row's end token.
 
     The grouped path, for what :class:`RowBatch` does not do (seeded sampling, whose random stream belongs to
     the call; models :func:`supports_rows` refuses). ``on_token(row, token_id)`` is called as each step's
-    tokens are produced (a streamer that routes each row of the batch to its own request).
+    tokens are produced (a streamer that routes each row of the batch to its own request). ``decode``: the
+    cache and compilation (``models.decoding.decode_settings``; None: the dynamic cache).
     """
     import torch
     from transformers.generation.streamers import BaseStreamer
 
-    from smolora_mlflow.models.generation import _encode, _generate_kwargs, resolve_params
+    from smolora_mlflow.models.decoding import DYNAMIC
+    from smolora_mlflow.models.generation import _encode, generate_kwargs, resolve_params
 
     p = resolve_params(params)
-    kwargs = _generate_kwargs(model, tokenizer, p)
     enc = _encode(tokenizer, list(prompts), next(model.parameters()).device)
+    kwargs = generate_kwargs(model, tokenizer, p, decode or DYNAMIC, prompt_tokens=enc["input_ids"].shape[1])
     if adapter_names is not None:
         enc["adapter_names"] = list(adapter_names)
     eos = eos_ids(model, tokenizer)

@@ -66,6 +66,9 @@ class NullTracker:
     def finish(self, trainer, adapter_dir, metrics) -> None:
         pass
 
+    def log_training_setup(self, trainer) -> None:
+        pass
+
 
 class RunTracker:
     """Owns one MLflow run for one training."""
@@ -289,6 +292,13 @@ class RunTracker:
         self._tokenizer = tokenizer
         self.log_model_stats(model)
         self.log_prompt_format(tokenizer)
+
+    def log_training_setup(self, trainer) -> None:
+        """How the trainer will run the model: the attention implementation and TRL's padding-free mode
+        (packing with ``bfd`` flattens a batch into one row), which decide training speed on a GPU."""
+        config = trainer.model.config  # a PeftModel answers with its base model's
+        self._put("tags", tags={C.TAG_ATTN_IMPLEMENTATION: str(config._attn_implementation),
+                                C.TAG_PADDING_FREE: str(bool(trainer.padding_free)).lower()})
 
     def log_prompt_format(self, tokenizer) -> None:
         """Which prompt format training used and, for chat, the template itself (tag with its sha256)."""

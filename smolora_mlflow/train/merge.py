@@ -33,6 +33,7 @@ class MergeReport:
     base_model: str
     max_abs_logit_diff: float
     probes: int
+    dtype: str = "float32"  # what the merged weights were saved in
 
 
 def _logits(model, tokenizer, probes: list[str]):
@@ -51,6 +52,8 @@ def merge_adapter(
     revision: str | None = None,
     trust_remote_code: bool = False,
     dtype: str = "float32",
+    save_dtype: str = "auto",
+    hub_kernels: bool = False,
     verify: bool = True,
     atol: float = 1e-3,
     probes: list[str] | None = None,
@@ -61,7 +64,10 @@ def merge_adapter(
         adapter_dir: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
         out_dir: where the merged model and tokenizer are written.
         base_model: base to merge into; defaults to the one the adapter records.
-        dtype: dtype to merge in (float32 keeps the merge exact; the saved weights use it too).
+        dtype: dtype to merge in (float32 keeps the merge exact).
+        save_dtype: dtype the merged weights are saved in: ``auto`` (the base checkpoint's, float32 when it
+            records none), ``float32``, ``bfloat16`` or ``float16``. The check runs before the cast, in ``dtype``.
+        hub_kernels: let transformers use Hub kernels on the loaded base (see ``load_causal_lm``).
         verify: compare merged logits with adapter-on-base logits on ``probes`` and check for NaNs.
         atol: largest allowed absolute logit difference.
 
@@ -74,8 +80,9 @@ def merge_adapter(
     name = base_model or recorded_base(adapter_dir)
     path = pretrained.resolve_model_path(name)
     tokenizer = pretrained.load_tokenizer(path, revision=revision, trust_remote_code=trust_remote_code)
+    target = _save_dtype(save_dtype, path, revision, trust_remote_code)
     base = pretrained.load_causal_lm(path, revision=revision, trust_remote_code=trust_remote_code,
-                                  dtype=getattr(torch, dtype))
+                                     dtype=getattr(torch, dtype), hub_kernels=hub_kernels)
     check_adapter_matches_base(adapter_dir, path, base)
     peft_model = apply_adapter(base, adapter_dir, merge=False)
     probes = probes or PROBES
@@ -92,7 +99,21 @@ def merge_adapter(
                              "merge in float32 (`dtype='float32'`) or raise `atol`.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    merged = merged.to(getattr(torch, target))  # also what config.json's `dtype` then says
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    logger.info("Merged %s into %s -> %s (max |dlogit| %.2e)", adapter_dir, name, out, diff)
-    return MergeReport(out, name, diff, len(probes))
+    logger.info("Merged %s into %s -> %s in %s (max |dlogit| %.2e)", adapter_dir, name, out, target, diff)
+    return MergeReport(out, name, diff, len(probes), target)
+
+
+_SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _save_dtype(save_dtype: str, base_path: str, revision: str | None, trust_remote_code: bool) -> str:
+    """``save_dtype`` with ``auto`` resolved to the base checkpoint's dtype (float32 when it records none)."""
+    if save_dtype == "auto":
+        recorded = pretrained.checkpoint_dtype(base_path, revision=revision, trust_remote_code=trust_remote_code)
+        return recorded if recorded in _SAVE_DTYPES else "float32"
+    if save_dtype not in _SAVE_DTYPES:
+        raise ValueError(f"`merged_dtype` must be auto, {', '.join(_SAVE_DTYPES)}, got {save_dtype!r}.")
+    return save_dtype

@@ -28,6 +28,7 @@ def lineage(lora) -> dict[str, Any]:
         "base_model_sha256": info.get("sha256"),
         # train() resolved `auto`; a SmoLoRA that never trained here serves prompts as they come.
         "prompt_format": cfg.prompt_format if cfg.prompt_format in ("chat", "plain") else "plain",
+        "hub_kernels": cfg.hub_kernels,  # the loader uses Hub kernels only for a model trained with them
         "lora_config": {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
                         "target_modules": list(cfg.lora_target_modules), "bias": cfg.lora_bias},
     }

@@ -102,7 +102,8 @@ class SmoLoRA:
         tokenizer = pretrained.load_tokenizer(path, revision=cfg.base_model_revision,
                                            trust_remote_code=cfg.trust_remote_code)
         model = pretrained.load_causal_lm(path, revision=cfg.base_model_revision,
-                                       trust_remote_code=cfg.trust_remote_code, dtype=self.dtype)
+                                       trust_remote_code=cfg.trust_remote_code, dtype=self.dtype,
+                                       hub_kernels=cfg.hub_kernels)
         self.base_info = pretrained.base_model_info(cfg.base_model, path, model)
         return model, tokenizer
 
@@ -135,6 +136,7 @@ class SmoLoRA:
             self._checkpoint_models = (CheckpointModels(self, lambda: tracker.run_id, tracker.reachable)
                                        if run_id and cfg.checkpoint_models and cfg.save_steps > 0 else None)
             trainer = self._build_trainer(model, tokenizer, train_data, tracker)
+            tracker.log_training_setup(trainer)
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             metrics = dict(output.metrics)
             if data.eval is not None:
@@ -192,7 +194,8 @@ class SmoLoRA:
         out = Path(path) if path else self.merged_dir
         merge_adapter(self.adapter_dir, out, base_model=self.config.base_model,
                       revision=self.config.base_model_revision,
-                      trust_remote_code=self.config.trust_remote_code, verify=verify)
+                      trust_remote_code=self.config.trust_remote_code, verify=verify,
+                      save_dtype=self.config.merged_dtype, hub_kernels=self.config.hub_kernels)
         self.merged_dir = out
         self.model, self.tokenizer = self.load_model(out)
         return out
@@ -200,7 +203,8 @@ class SmoLoRA:
     def load_model(self, path: str | os.PathLike):
         """Load a merged model folder for inference and make it this object's model."""
         tokenizer = pretrained.load_tokenizer(str(path))
-        model = pretrained.load_causal_lm(str(path), dtype=self.dtype, device=self.device)
+        model = pretrained.load_causal_lm(str(path), dtype=self.dtype, device=self.device,
+                                          hub_kernels=self.config.hub_kernels)
         model.eval()
         self.model, self.tokenizer = model, tokenizer
         return model, tokenizer
@@ -211,7 +215,7 @@ class SmoLoRA:
 
         path = pretrained.resolve_model_path(base_model)
         tokenizer = pretrained.load_tokenizer(path)
-        base = pretrained.load_causal_lm(path, dtype=self.dtype)
+        base = pretrained.load_causal_lm(path, dtype=self.dtype, hub_kernels=self.config.hub_kernels)
         model = apply_adapter(base, adapter_dir, merge=merge)
         model.to(self.device).eval()
         self.model, self.tokenizer = model, tokenizer

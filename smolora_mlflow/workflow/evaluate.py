@@ -60,7 +60,7 @@ def evaluate_run(model_ref: str | os.PathLike | None, cfg: SmoloraConfig, *, dat
     from smolora_mlflow.evaluation.loading import load_for_inference
 
     split = eval_split(cfg, dataset, prepared=prepared)  # data problems surface before a model loads or a run
-    loaded = loaded or load_for_inference(model_ref, device=cfg.device)
+    loaded = loaded or load_for_inference(model_ref, device=cfg.device, hub_kernels=cfg.hub_kernels)
     source = str(model_ref) if model_ref is not None else loaded.source
     cfg = cfg.replace(prompt_format=task_eval.resolved_prompt_format(cfg, loaded.tokenizer))
     if not cfg.tracking:

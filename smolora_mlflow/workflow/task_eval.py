@@ -58,7 +58,7 @@ def load_base(cfg: SmoloraConfig):
     """The base model of ``cfg`` (what the fine-tune started from), for the side-by-side scores."""
     from smolora_mlflow.evaluation.loading import load_for_inference
 
-    return load_for_inference(cfg.base_model, device=cfg.device)
+    return load_for_inference(cfg.base_model, device=cfg.device, hub_kernels=cfg.hub_kernels)
 
 
 def run_task_eval(loaded, split, cfg: SmoloraConfig, *, base=None, model_id: str | None = None) -> dict[str, float]:
