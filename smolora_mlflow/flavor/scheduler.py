@@ -21,6 +21,7 @@ seconds and starts again with the next request, so a model nobody uses holds no 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -83,10 +84,25 @@ class _Live:
     sent: int = 0  # characters of the text already handed to a stream
 
 
+class LoopEvents:
+    """A stream's events handed straight to an asyncio loop (``put`` from the scheduler thread, ``await get()``
+    in the loop): a server reads pieces without a thread per stream in between."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._queue = loop, asyncio.Queue()
+
+    def put(self, item: tuple[str, Any]) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self) -> tuple[str, Any]:
+        return await self._queue.get()
+
+
 class TokenStream(Iterator[str]):
     """The pieces of one streamed prompt as they are generated; :attr:`result` once it is exhausted.
 
-    Closing it (or setting ``cancel``) frees its row at the next token.
+    Read it as an iterator (blocking), or with ``await next_piece()`` when it was opened with
+    :class:`LoopEvents`. Closing it (or setting ``cancel``) frees its row at the next token.
     """
 
     def __init__(self, request: _Request):
@@ -94,20 +110,38 @@ class TokenStream(Iterator[str]):
         self.result: Completion | None = None
         self._pending_prompt = bool(request.params.get("return_full_text"))
 
-    def __next__(self) -> str:
-        if self.result is not None:
-            raise StopIteration
-        if self._pending_prompt:
-            self._pending_prompt = False
-            return self._request.prompts[0]
-        kind, value = self._request.events.get()
+    def _take(self, kind: str, value: Any) -> str | None:
         if kind == "piece":
             return value
         if kind == "error":
             self.result = Completion("", (), "cancelled")
             raise value
         self.result = value
-        raise StopIteration
+        return None
+
+    def _prompt_first(self) -> str | None:
+        if self._pending_prompt:
+            self._pending_prompt = False
+            return self._request.prompts[0]
+        return None
+
+    def __next__(self) -> str:
+        if self.result is not None:
+            raise StopIteration
+        if (prompt := self._prompt_first()) is not None:
+            return prompt
+        piece = self._take(*self._request.events.get())
+        if piece is None:
+            raise StopIteration
+        return piece
+
+    async def next_piece(self) -> str | None:
+        """The next piece, or None at the end (a stream opened with :class:`LoopEvents`)."""
+        if self.result is not None:
+            return None
+        if (prompt := self._prompt_first()) is not None:
+            return prompt
+        return self._take(*await self._request.events.get())
 
     def close(self) -> None:
         self._request.cancel.set()
@@ -168,10 +202,11 @@ class GenerationScheduler:
             self._cv.notify_all()
 
     def _request(self, prompts: list[str], prompt_ids: list[list[int]], params: dict[str, Any], adapter: str,
-                 internal: Callable[[], str | None], cancel: threading.Event | None, stream: bool) -> _Request:
+                 internal: Callable[[], str | None], cancel: threading.Event | None, stream: bool,
+                 events: Any = None) -> _Request:
         grouped = not self.rows_supported or (bool(params.get("do_sample")) and int(params.get("seed", -1)) >= 0)
         return _Request(prompt_ids, list(prompts), dict(params), adapter, internal, grouped,
-                        cancel or threading.Event(), queue.SimpleQueue() if stream else None)
+                        cancel or threading.Event(), (events or queue.SimpleQueue()) if stream else None)
 
     def submit(self, prompts: list[str], prompt_ids: list[list[int]], params: dict[str, Any], adapter: str,
                internal: Callable[[], str | None]) -> list[Completion]:
@@ -186,9 +221,11 @@ class GenerationScheduler:
         return list(request.results)
 
     def open(self, prompt: str, prompt_ids: list[int], params: dict[str, Any], adapter: str,
-             internal: Callable[[], str | None], cancel: threading.Event | None = None) -> TokenStream:
-        """Start streaming one prompt; the returned iterator yields its pieces as they are generated."""
-        request = self._request([prompt], [prompt_ids], params, adapter, internal, cancel, stream=True)
+             internal: Callable[[], str | None], cancel: threading.Event | None = None,
+             events: LoopEvents | None = None) -> TokenStream:
+        """Start streaming one prompt; the returned iterator yields its pieces as they are generated
+        (``events``: deliver them to an asyncio loop instead, read with ``await stream.next_piece()``)."""
+        request = self._request([prompt], [prompt_ids], params, adapter, internal, cancel, stream=True, events=events)
         self._enqueue(request)
         return TokenStream(request)
 

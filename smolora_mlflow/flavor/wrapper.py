@@ -1,16 +1,17 @@
-"""The pyfunc wrapper a smolora model loads as: validation, request coalescing, streaming, adapter routing.
+"""The pyfunc wrapper a smolora model loads as: validation, one generation scheduler, streaming, adapters.
 
 One wrapper serves a single model (merged, or one adapter) or an adapter set (several LoRA adapters on one
 resident base, see :mod:`.adapter_set`). In an adapter set a request names its adapter (param
-``adapter``); requests for different adapters share one ``generate`` call through PEFT's mixed-adapter
-batches (``adapter_names``), since the batcher groups by generation params only.
+``adapter``). Every request, predicted or streamed, goes to the model's one
+:class:`~smolora_mlflow.flavor.scheduler.GenerationScheduler`, where rows of any adapter and any params share
+forwards (PEFT's mixed-adapter batches, ``adapter_names``).
 
 What a server needs beyond ``predict``/``predict_stream``: :meth:`complete` and :meth:`open_stream` (the
 same with the adapter as an argument and a cancel event), or :meth:`prepare` (checked and tokenized once,
-with the prompt token counts) then :meth:`complete_prepared` / :meth:`stream_prepared`; :attr:`adapter_names`;
-and :attr:`observer`, an object the server sets to be told about requests, batches and tokens
-(``request(adapter)``, ``batch(prompts, adapters, waits)``, ``tokens(adapter, n)``); see
-``smolora_mlflow.serving.metrics``.
+with the prompt token ids) then :meth:`complete_results` (texts, token ids, finish reasons) /
+:meth:`stream_prepared` (a ``TokenStream`` whose ``result`` has the same once read); :attr:`adapter_names`;
+and :attr:`observer` (:class:`~smolora_mlflow.flavor.scheduler.Observer`), which the server sets to be told about
+requests, batches and tokens; see ``smolora_mlflow.serving.metrics``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from smolora_mlflow.flavor.inputs import (
     to_prompts,
     validate_params,
 )
-from smolora_mlflow.flavor.scheduler import Completion, GenerationScheduler, TokenStream
+from smolora_mlflow.flavor.scheduler import Completion, GenerationScheduler, LoopEvents, TokenStream
 from smolora_mlflow.models.generation import count_tokens, decode_settings, warm_up
 
 DEFAULT_ADAPTER = "default"  # the label of a single model's requests in metrics
@@ -209,14 +210,16 @@ class _SmoloraPyfuncWrapper:
         """Text pieces of one prompt's completion, validated before returning; ``cancel`` stops it."""
         return self.stream_prepared(self.prepare(model_input, params, adapter), cancel)
 
-    def stream_prepared(self, prepared: Prepared, cancel: threading.Event | None = None) -> TokenStream:
-        """:meth:`open_stream` of a request :meth:`prepare` checked; its ``result`` once exhausted."""
+    def stream_prepared(self, prepared: Prepared, cancel: threading.Event | None = None,
+                        events: LoopEvents | None = None) -> TokenStream:
+        """:meth:`open_stream` of a request :meth:`prepare` checked; its ``result`` once exhausted. ``events``
+        (a :class:`~smolora_mlflow.flavor.scheduler.LoopEvents`) hands the pieces to an asyncio loop."""
         if len(prepared.prompts) != 1:
             raise invalid_input(
                 f"A stream takes exactly one prompt, got {len(prepared.prompts)}; send one prompt per stream.")
         self.observer.request(prepared.adapter)
         return self.scheduler.open(prepared.prompts[0], prepared.prompt_ids[0], prepared.params, prepared.adapter,
-                                   self._internal(prepared.adapter), cancel)
+                                   self._internal(prepared.adapter), cancel, events)
 
     def predict_stream(self, model_input: Any, params: dict[str, Any] | None = None) -> Iterator[str]:
         """Text pieces of one prompt's completion; validated before the first piece is asked for."""

@@ -27,14 +27,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
+from smolora_mlflow.flavor.scheduler import LoopEvents
 from smolora_mlflow.serving import openai_api
 from smolora_mlflow.serving.metrics import CONTENT_TYPE, Metrics
 
-_END = object()
-# Stream readers wait for their next piece in these threads, not in the loop's default pool, which serves
-# MLflow's /invocations and the routes' own work (prepare, complete): waiting streams never starve them.
-STREAM_THREADS = 64
-_STREAMS = ThreadPoolExecutor(max_workers=STREAM_THREADS, thread_name_prefix="smolora-stream")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
 
@@ -56,7 +52,8 @@ class EventStream(Response):
 
     Starlette's ``StreamingResponse`` notices a client that left only when a send fails (ASGI 2.4 servers) or
     by cancelling the body iterator; this one watches ``http.disconnect`` itself and sets the stream's
-    ``cancel`` at once, so the scheduler frees the row at the next token even while no piece is due.
+    ``cancel`` at once, so the scheduler frees the row at the next token even while no piece is due. Pieces
+    arrive on the loop itself (``LoopEvents``): no thread per stream waits for them.
     """
 
     media_type = SSE_MEDIA_TYPE
@@ -69,9 +66,19 @@ class EventStream(Response):
         self.pieces, self.cancel, self.encode, self.tail = pieces, cancel, encode, tail
         self.adapter, self.metrics = adapter, metrics
 
+    async def _next(self, gone: asyncio.Event) -> str | None:
+        """The next piece, or None once the stream ended or the client left."""
+        piece = asyncio.ensure_future(self.pieces.next_piece())
+        left = asyncio.ensure_future(gone.wait())
+        await asyncio.wait({piece, left}, return_when=asyncio.FIRST_COMPLETED)
+        left.cancel()
+        if not piece.done():
+            piece.cancel()
+            return None
+        return piece.result()
+
     async def __call__(self, scope, receive, send) -> None:
         started = time.monotonic()
-        loop = asyncio.get_running_loop()
         gone = asyncio.Event()
 
         async def watch() -> None:
@@ -86,8 +93,8 @@ class EventStream(Response):
         first, finished = True, False
         try:
             while not gone.is_set():
-                piece = await loop.run_in_executor(_STREAMS, next, self.pieces, _END)
-                if piece is _END or gone.is_set():
+                piece = await self._next(gone)
+                if piece is None or gone.is_set():
                     break
                 if first:
                     self.metrics.observe("smolora_time_to_first_token_seconds", time.monotonic() - started,
@@ -205,7 +212,7 @@ class Routes:
             return JSONResponse(openai_api.response(req, texts, tokens, prompt_tokens, max_new,
                                                     [c.finish_reason for c in done]))
         cancel = threading.Event()
-        pieces = self.wrapper.stream_prepared(prepared, cancel)
+        pieces = self.wrapper.stream_prepared(prepared, cancel, LoopEvents(asyncio.get_running_loop()))
         first = [True]
 
         def encode(piece: str) -> bytes:
@@ -248,6 +255,6 @@ class Routes:
                                         f"{model_input!r:.200}.", "prompt")
         cancel = threading.Event()
         prepared = await asyncio.to_thread(self.wrapper.prepare, model_input, params, adapter)
-        pieces = self.wrapper.stream_prepared(prepared, cancel)
+        pieces = self.wrapper.stream_prepared(prepared, cancel, LoopEvents(asyncio.get_running_loop()))
         return EventStream(pieces, cancel, lambda p: _sse({"text": p}), lambda: [_sse("[DONE]")], prepared.adapter,
                            self.metrics)
