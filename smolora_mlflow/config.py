@@ -189,6 +189,16 @@ class SmoloraConfig:
     )
     sweep_metric: str = field(default="eval_loss", metadata=_help("Metric a sweep optimises and promotes on."))
     sweep_sampler: Literal["tpe", "random"] = field(default="tpe", metadata=_help("Optuna sampler of a sweep."))
+    sweep_backend: Literal["optuna", "ray"] = field(
+        default="optuna",
+        metadata=_help("Where sweep trials run: `optuna` (one after another in this process) or `ray` (Ray Tune "
+                       "trials in parallel worker processes, Optuna searching through Ray Tune's OptunaSearch; "
+                       "pip install 'smolora-mlflow[ray]')."),
+    )
+    sweep_workers: int = field(default=1, metadata=_help("Trials run at once with sweep_backend=ray, >= 1."))
+    sweep_trial_cpus: float = field(default=1.0, metadata=_help("CPUs Ray reserves per trial, > 0."))
+    sweep_trial_gpus: float = field(default=0.0, metadata=_help("GPUs Ray reserves per trial (fractions share one), "
+                                                                 ">= 0."))
 
     def __post_init__(self) -> None:
         self.lora_target_modules = _as_list(self.lora_target_modules)
@@ -361,6 +371,9 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("task_max_rows", lambda v: v >= 1, "an integer >= 1"),
     ("task_max_new_tokens", lambda v: 1 <= v <= 1024, "an integer in 1..1024"),
     ("sweep_trials", lambda v: 1 <= v <= 10000, "an integer in 1..10000"),
+    ("sweep_workers", lambda v: 1 <= v <= 1024, "an integer in 1..1024"),
+    ("sweep_trial_cpus", lambda v: v > 0, "a number > 0"),
+    ("sweep_trial_gpus", lambda v: v >= 0, "a number >= 0"),
 ]
 
 

@@ -69,6 +69,7 @@ RUN_ID_FILE = "mlflow_run_id.txt"
 TAG_PROMPT_FORMAT = "smolora.prompt_format"  # chat | plain
 TAG_PROMPT_FORMAT_REASON = "smolora.prompt_format_reason"  # why `auto` chose it (tokenizer, generation config, name)
 TAG_CHAT_TEMPLATE_SHA256 = "smolora.chat_template_sha256"
+TAG_TOKENIZER_SHA256 = "smolora.tokenizer_sha256"  # of the tokenizer's vocabulary and rules (semver MAJOR)
 ARTIFACT_CHAT_TEMPLATE = "prompt/chat_template.jinja"
 
 # Task evaluation: scores of generated answers (each also logged as BASE_PREFIX + name for the base model).

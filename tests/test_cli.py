@@ -336,7 +336,8 @@ def test_summary_links_runs_to_the_ui_of_an_http_tracking_server(monkeypatch):
 
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://mlflow.example:5000/")
     monkeypatch.setattr(mlflow, "MlflowClient", Client)
-    assert _commands._ui_link("abc") == "http://mlflow.example:5000/#/experiments/7/runs/abc"
+    assert _commands._ui_link("abc") == ("http://mlflow.example:5000/#/experiments/7/runs/abc"
+                                         "?workflowType=machine_learning")  # opens the training view
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "sqlite:///x.db")
     assert _commands._ui_link("abc") == ""
 
@@ -420,6 +421,20 @@ def test_serve_builds_the_guarded_server_command(argv, uri, capsys):
     cmd = capsys.readouterr().out.split()
     assert cmd[1:5] == ["-m", "mlflow", "models", "serve"]
     assert cmd[5:] == ["-m", uri, "--env-manager", "uv", "-h", "127.0.0.1", "-p", "5123"]
+
+
+def test_serve_api_key_is_checked_and_never_on_the_command_line(capsys, monkeypatch):
+    monkeypatch.delenv("SMOLORA_SERVE_API_KEY", raising=False)
+    assert main(["serve", "reviews", "--api-key", "k3y-Secret-1", "--dry_run"]) == 0
+    assert "k3y-Secret-1" not in capsys.readouterr().out
+    for argv, message in [(["--api_key", ""], "--api_key is set but empty"),
+                          (["--api_key", "two words"], "printable ASCII without spaces"),
+                          (["--api_key", "k3y-Secret-1", "--env_manager", "uv"], "needs the local server")]:
+        assert main(["serve", "reviews", *argv, "--dry_run"]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setenv("SMOLORA_SERVE_API_KEY", "")  # a templated, unset variable: fail closed
+    assert main(["serve", "reviews", "--dry_run"]) == 2
+    assert "SMOLORA_SERVE_API_KEY is set but empty" in capsys.readouterr().err
 
 
 @pytest.mark.slow

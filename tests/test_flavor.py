@@ -277,10 +277,21 @@ def test_loads_with_pickle_deserialization_disabled(merged_path, monkeypatch, de
 
 
 def test_inferred_requirements_of_a_merged_model(tmp_path, demo_model_dir):
+    import logging
+
     from smolora_mlflow import flavor
 
     path = tmp_path / "m"
-    flavor.save_model(path, demo_model_dir)  # the one test that runs MLflow's requirement inference
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        flavor.save_model(path, demo_model_dir)  # the one test that runs MLflow's requirement inference
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    assert not [m for m in seen if "local version label" in m]  # torch 2.x+cpu: pinned without it, silently
+    assert not any("+" in r for r in (path / "requirements.txt").read_text().split())
     reqs = [r.split("==")[0].lower() for r in (path / "requirements.txt").read_text().split()]
     assert {"mlflow", "torch", "transformers", "safetensors"} <= set(reqs)
     assert not {"peft", "trl", "smolora-mlflow"} & set(reqs)
@@ -318,7 +329,8 @@ BAD_INPUTS = [
     (pd.DataFrame({"prompt": [3]}), None, "Incompatible input types for column prompt"),
     ({"prompt": ["a"]}, {"max_new_tokens": 0}, r"`max_new_tokens` must be in 1\.\.1024, got 0"),
     ({"prompt": ["a"]}, {"max_new_tokens": 4096}, r"`max_new_tokens` must be in 1\.\.1024, got 4096"),
-    ({"prompt": ["a"]}, {"do_sample": True, "temperature": 0.0}, "`temperature` must be > 0 when `do_sample`"),
+    ({"prompt": ["a"]}, {"do_sample": True, "temperature": 0.0}, "`temperature` must be >= 0.001 when `do_sample`"),
+    ({"prompt": ["a"]}, {"do_sample": True, "temperature": 1e-300}, "`temperature` must be >= 0.001"),  # 0 in float32
     ({"prompt": ["a"]}, {"top_p": 0.0}, r"`top_p` must be in \(0, 1\]"),
     ({"prompt": ["a"]}, {"top_k": -1}, "`top_k` must be >= 0"),
     ({"prompt": ["a"]}, {"repetition_penalty": 0.0}, "`repetition_penalty` must be > 0"),
@@ -368,6 +380,27 @@ def test_wrapper_level_validation(loaded, tmp_path, demo_model_dir):
         plain.predict(pd.DataFrame({"prompt": [conversation]}))
     with pytest.raises(MlflowException, match="more than this model's max_prompt_tokens"):
         plain.predict({"prompt": ["one two three four five six"]})
+
+
+def test_unencodable_prompts_and_template_refusals_are_400_not_500(loaded):
+    """A lone surrogate (a TypeError in the tokenizer) and a chat template's raise_exception (a jinja2
+    TemplateError) are the caller's mistakes: MlflowException 400 naming them."""
+    from mlflow.exceptions import MlflowException
+
+    impl = loaded._model_impl
+    for model_input in ("a\ud800", ["ok", "\udfff"], [{"role": "user", "content": "hi \ud800"}],
+                        pd.DataFrame({"prompt": [[{"role": "\ud800", "content": "hi"}]]})):
+        with pytest.raises(MlflowException, match=r"lone surrogate \(U\+D[8-F][0-9A-F]{2}\)") as e:
+            impl.predict(model_input)
+        assert e.value.get_http_status_code() == 400
+    template = impl.tokenizer.chat_template
+    impl.tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    try:
+        with pytest.raises(MlflowException, match="roles must alternate") as e:
+            impl.predict([{"role": "user", "content": "hi"}])
+        assert e.value.get_http_status_code() == 400
+    finally:
+        impl.tokenizer.chat_template = template
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ BAD = [
     ({"dataframe_records": [{"prompt": 7}]}, "`prompt` at row 0 must be a string"),
     ({**PAYLOADS["inputs"], "params": {"max_new_tokens": 0}}, "`max_new_tokens` must be in 1..1024, got 0"),
     ({**PAYLOADS["inputs"], "params": {"max_new_tokens": "lots"}}, "max_new_tokens"),
-    ({**PAYLOADS["inputs"], "params": {"do_sample": True, "temperature": 0}}, "`temperature` must be > 0"),
+    ({**PAYLOADS["inputs"], "params": {"do_sample": True, "temperature": 0}}, "`temperature` must be >= 0.001"),
     ({**PAYLOADS["inputs"], "params": {"top_p": 1.5}}, "`top_p` must be in (0, 1]"),
     ({**PAYLOADS["inputs"], "params": {"top_k": -2}}, "`top_k` must be >= 0"),
     ({**PAYLOADS["inputs"], "params": {"repetition_penalty": -1.0}}, "`repetition_penalty` must be > 0"),

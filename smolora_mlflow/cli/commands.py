@@ -49,8 +49,9 @@ def _ui_link(run_id: str | None) -> str:
     uri = mlflow.get_tracking_uri()
     if not run_id or not uri.startswith(("http://", "https://")):
         return ""
-    exp = mlflow.MlflowClient().get_run(run_id).info.experiment_id
-    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    from smolora_mlflow.tracking.experiments import run_ui_url
+
+    return run_ui_url(uri, mlflow.MlflowClient().get_run(run_id).info.experiment_id, run_id)
 
 
 def _print_summary(title: str, rows: list[tuple[str, Any]]) -> None:
@@ -210,8 +211,12 @@ def cmd_register(args: argparse.Namespace) -> int:
     ref = args.model
     if is_run_id(ref):  # a pipeline's parent run points to the run that logged the model
         ref = logged_model_uri_of_run(ref) or ref
-    mv = registry.register(ref, args.name, description=args.description)
+    mv = registry.register(ref, args.name, description=args.description, semver=args.semver)
+    semver = mv.tags.get(registry.TAG_SEMVER)
     print(f"Registered {args.name} version {mv.version}  (models:/{args.name}/{mv.version}, source {mv.source})")
+    if semver:
+        print(f"  semver {semver}: {mv.tags.get(registry.TAG_SEMVER_REASON, '')}  (models:/{args.name}@"
+              f"{registry.semver_alias(semver)})")
     return 0
 
 
@@ -220,7 +225,8 @@ def cmd_transition(args: argparse.Namespace) -> int:
     _use_tracking_uri(args.tracking_uri)
     from smolora_mlflow import registry
 
-    mv = registry.transition(args.name, args.version, args.stage, archive_existing=archive, reason=args.reason)
+    version = _version(registry, args.name, args.version)
+    mv = registry.transition(args.name, version, args.stage, archive_existing=archive, reason=args.reason)
     aliases = f" (aliases: {', '.join(mv.aliases)})" if mv.aliases else ""
     print(f"{args.name} version {mv.version} is now in {mv.current_stage}{aliases}")
     return 0
@@ -353,6 +359,13 @@ def serve_uri(args: argparse.Namespace) -> str:
         if ref.kind == "run" and ref.artifact_path is None:
             return f"runs:/{ref.run_id}/model"
         return f"models:/{ref.model_id}" if ref.kind == "logged_model" else model
+    from smolora_mlflow.registry.semver import alias, parse
+
+    if "@" in model and not (args.alias or args.stage or args.version):  # NAME@ALIAS, NAME@1.2.0
+        model, _, key = model.rpartition("@")
+        return f"models:/{model}@{alias(key) if parse(key) else key}"
+    if args.version and parse(args.version):  # MLflow resolves a semver through its alias
+        return f"models:/{model}@{alias(args.version)}"
     if args.stage or args.version:
         return f"models:/{model}/{args.stage or args.version}"
     return f"models:/{model}@{args.alias or 'production'}"
@@ -371,20 +384,42 @@ def serve_command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def _serve_api_key(args: argparse.Namespace, env: dict[str, str]) -> str | None:
+    """The server's API key (``--api_key``, else ``SMOLORA_SERVE_API_KEY``), put in ``env`` for the server:
+    the environment, not argv, which every local user can read."""
+    from smolora_mlflow.serving.auth import ENV_API_KEY, api_key_from_env, check_api_key
+
+    try:
+        key = check_api_key(args.api_key, "--api_key") if args.api_key is not None else api_key_from_env(env)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if key is not None and args.env_manager != "local":  # fail closed: mlflow models serve has no such check
+        raise UsageError(f"an API key needs the local server; `mlflow models serve` (--env_manager "
+                         f"{args.env_manager}) would serve without it. Use --env_manager local.")
+    if key is not None:
+        env[ENV_API_KEY] = key
+    return key
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cmd = serve_command(args)
+    env = dict(os.environ)
+    key = _serve_api_key(args, env)  # checked before a dry run too; never part of the printed command
     if parse_bool("dry_run", args.dry_run):
         import shlex
 
         print(shlex.join(cmd))
         return 0
-    env = dict(os.environ)
     if args.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = args.tracking_uri
     if args.env_manager != "local":
         _err(f"==> note: with --env_manager {args.env_manager} this is plain `mlflow models serve`, without the "
              "request guard and manifest-digest check of the local server")
-    _err(f"==> serving {serve_uri(args)} at http://{args.host}:{args.port}/invocations (Ctrl-C stops it)")
+    elif key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        _err(f"==> warning: serving on {args.host} without an API key; anyone who can reach it can use it "
+             "(set SMOLORA_SERVE_API_KEY or --api_key)")
+    _err(f"==> serving {serve_uri(args)} at http://{args.host}:{args.port}/invocations"
+         f"{' (API key required)' if key else ''} (Ctrl-C stops it)")
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:

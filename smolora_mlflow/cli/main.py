@@ -72,6 +72,8 @@ def _setup_output(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("smolora_mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # "Creating initial MLflow database tables..." on a new SQLite store: not the command's news
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

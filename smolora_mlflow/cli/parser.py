@@ -182,6 +182,9 @@ def _add_lifecycle_commands(subs) -> None:
              "log:1e-4..1e-2'), each a run nested under one sweep run, optimising sweep_metric (eval_loss needs\n"
              "eval_fraction > 0; task scores need --task_eval). The best trial's model is logged, registered\n"
              "when registered_model_name is set, and with --promote promoted on sweep_metric.")
+    p.add_argument("--backend", dest=_CFG_PREFIX + "sweep_backend", default=argparse.SUPPRESS,
+                   choices=("optuna", "ray"), help="Same as --sweep_backend: optuna (default) or ray (Ray Tune trials "
+                                                   "in --sweep_workers parallel processes).")
     _flag(p, "promote", "Promote the best trial's version (gated on sweep_metric) after registering it.")
     p.add_argument("--min_delta", type=float, default=0.0, help="The new version must win by more than this.")
     _add_model_log_options(p)
@@ -229,11 +232,13 @@ def _add_registry_commands(subs) -> None:
     p.add_argument("model", metavar="MODEL", help="Run id (training or pipeline run), runs:/ or models:/ URI.")
     p.add_argument("--name", required=True, help="Registered model name (created if missing).")
     p.add_argument("--description", help="Version description (default: the model card).")
+    p.add_argument("--semver", help="MAJOR.MINOR.PATCH of the new version instead of the one derived from what "
+                                    "changed since the previous version; greater than every existing one.")
     _tracking_option(p)
 
     p = _sub(subs, "transition", "Move a version to a stage; the alias of the same name follows.")
     p.add_argument("name")
-    p.add_argument("version")
+    p.add_argument("version", help="Version number, semver (1.2.0), alias or `latest`.")
     p.add_argument("stage", help="None, Staging, Production or Archived (case-insensitive).")
     p.add_argument("--reason", help="Why (kept in the version's history).")
     _flag(p, "no_archive_existing", "Keep the versions that hold the stage where they are.")
@@ -241,7 +246,8 @@ def _add_registry_commands(subs) -> None:
 
     p = _sub(subs, "promote", "Promote a version if it beats the current holder of the stage on a metric.")
     p.add_argument("name")
-    p.add_argument("version", nargs="?", default="latest", help="Version number or `latest` (default).")
+    p.add_argument("version", nargs="?", default="latest",
+                   help="Version number, semver (1.2.0), alias or `latest` (default).")
     p.add_argument("--to", default="Production", help="Staging or Production (default).")
     p.add_argument("--metric", default="eval_loss",
                    help="Metric to compare (default: eval_loss); any metric of the version's evaluation, e.g. "
@@ -257,7 +263,7 @@ def _add_registry_commands(subs) -> None:
     p.add_argument("--reason", help="Why (kept in the history).")
     _tracking_option(p)
 
-    p = _sub(subs, "versions", "List the versions of a registered model (stage, aliases, metrics).")
+    p = _sub(subs, "versions", "List the versions of a registered model (semver, stage, aliases, metrics).")
     p.add_argument("name")
     _flag(p, "history", "Also print every stage transition, oldest first.")
     _tracking_option(p)
@@ -295,16 +301,21 @@ def _add_serving_commands(subs) -> None:
              "Other --env_manager values run plain `mlflow models serve`.\n"
              "POST {\"inputs\": {\"prompt\": [\"The food was\"]}, \"params\": {\"max_new_tokens\": 16}}\n"
              "to /invocations.")
-    p.add_argument("model", metavar="NAME_OR_URI", help="Registered model name, or a model URI/path.")
+    p.add_argument("model", metavar="NAME_OR_URI",
+                   help="Registered model name, NAME@ALIAS or NAME@SEMVER (e.g. reviews@1.2.0), or a model URI/path.")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--alias", help="Alias to serve (default: production).")
     which.add_argument("--stage", help="Stage to serve, e.g. Staging.")
-    which.add_argument("--version", help="Version number to serve.")
+    which.add_argument("--version", help="Version number or semver (1.2.0) to serve.")
     p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1).")
     p.add_argument("-p", "--port", type=int, default=5000, help="Port (default 5000).")
     p.add_argument("--workers", type=int, help="Server worker processes.")
     p.add_argument("--env_manager", default="local", choices=("local", "virtualenv", "uv", "conda"),
                    help="Environment for the server (default: local, this Python).")
+    p.add_argument("--api_key", metavar="KEY",
+                   help="Require `Authorization: Bearer KEY` on every route but /ping and /health (401 otherwise); "
+                        "default: $SMOLORA_SERVE_API_KEY. The server gets it through its environment, never its "
+                        "command line; prefer the variable, as this command's own line is visible in `ps`.")
     _flag(p, "dry_run", "Print the server command instead of running it.")
     _tracking_option(p)
 

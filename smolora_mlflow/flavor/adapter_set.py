@@ -184,9 +184,7 @@ def save_model(path: str | os.PathLike, adapters: Mapping[str, str], *, refresh_
                             model_config=dict.fromkeys(MODEL_CONFIG_KEYS))
         mlflow_model.add_flavor(FLAVOR_NAME, code=code_subpath, **conf)
         mlflow_model.save(str(path / MLMODEL_FILE_NAME))
-        from mlflow.utils.requirements_utils import _get_pinned_requirement
-
-        defaults = [_get_pinned_requirement(p) for p in ("torch", "transformers", "safetensors", "tokenizers", "peft")]
+        defaults = [files.pin(p) for p in ("torch", "transformers", "safetensors", "tokenizers", "peft")]
         files.write_requirements(path, defaults, pip_requirements,
                                  extra_pip_requirements, conda_env)
     except BaseException:

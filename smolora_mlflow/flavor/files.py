@@ -7,11 +7,12 @@ signature advertises come from the model's own ``generation_config`` where it se
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +306,44 @@ def package_version(package: str) -> str | None:
         return None
 
 
+_QUIET_SUBPROCESS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "SMOLORA_PROGRESS": "0", "TQDM_DISABLE": "1"}
+_LOCAL_LABEL_MESSAGE = "contains a local version label"
+
+
+def pin(requirement: str) -> str:
+    """``package==version`` of the installed distribution, without a local label (``torch==2.13.0`` for
+    ``2.13.0+cpu``): PyPI has no local versions, so this is what an environment built from it installs."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    req = Requirement(requirement)
+    version = Version(importlib.metadata.version(req.name)).public
+    return f"{req.name}{'[' + ','.join(sorted(req.extras)) + ']' if req.extras else ''}=={version}"
+
+
+class _LocalLabelFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _LOCAL_LABEL_MESSAGE not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _pinning_local_labels_ourselves() -> Iterator[None]:
+    """Hide MLflow's warning that a package (torch ``+cpu``) was pinned without its local version label.
+
+    Requirement inference pins what it finds with MLflow's ``_get_pinned_requirement``, which drops a local
+    label (as :func:`pin` does for the defaults, on purpose: PyPI has none) and warns about it every time, twice
+    per logged checkpoint; the requirement written is the one we want, so the warning asks nothing of the user.
+    Only that message is filtered, only while we infer.
+    """
+    target = logging.getLogger("mlflow.utils.requirements_utils")
+    flt = _LocalLabelFilter()
+    target.addFilter(flt)
+    try:
+        yield
+    finally:
+        target.removeFilter(flt)
+
+
 def write_requirements(path: Path, default_reqs, pip_requirements, extra_pip_requirements, conda_env) -> None:
     """requirements.txt, conda.yaml, python_env.yaml. With neither ``pip_requirements`` nor ``conda_env``,
     requirements are inferred by loading the saved model (rule 2), plus ``default_reqs``."""
@@ -312,7 +351,10 @@ def write_requirements(path: Path, default_reqs, pip_requirements, extra_pip_req
         defaults = None
         if pip_requirements is None:
             defaults = list(default_reqs or [])
-            inferred = infer_pip_requirements(str(path), FLAVOR_NAME, fallback=defaults)
+            with _pinning_local_labels_ourselves():
+                # The subprocess that loads the model to see what it imports: no weight-loading bars from it.
+                inferred = infer_pip_requirements(str(path), FLAVOR_NAME, fallback=defaults,
+                                                  extra_env_vars=_QUIET_SUBPROCESS)
             # The package itself travels as code; pinning it would send pip looking for it.
             inferred = [r for r in inferred if r.split("=")[0].strip().lower() not in _SELF_DISTRIBUTIONS]
             defaults = sorted(set(inferred).union(defaults))

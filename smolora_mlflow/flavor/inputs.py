@@ -20,7 +20,12 @@ import numpy as np
 import pandas as pd
 
 from smolora_mlflow.errors import invalid_input
-from smolora_mlflow.models.generation import GENERATION_DEFAULTS, GENERATION_PARAMS, format_chat
+from smolora_mlflow.models.generation import GENERATION_DEFAULTS, GENERATION_PARAMS, MIN_TEMPERATURE, format_chat
+
+try:  # what a chat template's raise_exception raises (e.g. "roles must alternate"): the caller's mistake
+    from jinja2 import TemplateError
+except ImportError:  # no jinja2, no chat templates: transformers says so with an ImportError of its own
+    TemplateError = ValueError
 
 PROMPT_COLUMN = "prompt"
 OUTPUT_COLUMN = "generated_text"
@@ -59,9 +64,9 @@ def _range_problems(p: dict[str, Any], max_new_tokens_limit: int) -> list[str]:
         ("seed", lambda v: -1 <= v < 2**63, "in 0..2**63-1, or -1 for no seed"),
     ]
     problems = [f"`{k}` must be {text}, got {p[k]!r}." for k, ok, text in checks if k in p and not ok(p[k])]
-    if p.get("do_sample") and "temperature" in p and p["temperature"] <= 0:
+    if p.get("do_sample") and "temperature" in p and p["temperature"] < MIN_TEMPERATURE:
         problems.append(
-            f"`temperature` must be > 0 when `do_sample` is true, got {p['temperature']!r}; "
+            f"`temperature` must be >= {MIN_TEMPERATURE} when `do_sample` is true, got {p['temperature']!r}; "
             "use do_sample=false for greedy decoding."
         )
     return problems
@@ -121,8 +126,19 @@ def _chat(tokenizer, messages: Any, where: str, chat: bool = True) -> str:
             "the prompt text itself (to /v1/completions, or as a `prompt` string), or a single user message.")
     try:
         return format_chat(tokenizer, messages)
-    except ValueError as e:
+    except (ValueError, TemplateError) as e:
         raise invalid_input(f"{where}: {e}") from e
+
+
+def _check_unicode(prompts: list[str]) -> None:
+    """A lone surrogate (``"\\ud800"`` from JSON, or Python) is text no tokenizer can encode: a 400, not a
+    TypeError deep in the tokenizer."""
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise invalid_input(f"Prompt {i} holds a lone surrogate (U+{ord(p[e.start]):04X}) at character {e.start}; "
+                                "send valid Unicode text.") from None
 
 
 def _is_missing(x: Any) -> bool:
@@ -201,6 +217,7 @@ def to_prompts(model_input: Any, tokenizer, prompt_format: str = "plain") -> lis
         )
     if not prompts:
         raise invalid_input("The input holds no prompts; send at least one.")
+    _check_unicode(prompts)
     return prompts
 
 

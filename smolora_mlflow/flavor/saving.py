@@ -28,7 +28,6 @@ from mlflow.utils.model_utils import (
     _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
 )
-from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from smolora_mlflow.constants import ARTIFACT_MODEL_CARD, FLAVOR_NAME
 from smolora_mlflow.errors import invalid_input
@@ -48,7 +47,7 @@ def get_default_pip_requirements(mode: str = "merged") -> list[str]:
     packages = ["torch", "transformers", "safetensors", "tokenizers"]
     if mode == "adapter":
         packages.append("peft")
-    return [_get_pinned_requirement(p) for p in packages]
+    return [files.pin(p) for p in packages]  # not MLflow's pinning: it warns about torch's +cpu label
 
 
 def get_default_conda_env(mode: str = "merged") -> dict[str, Any]:

@@ -43,6 +43,9 @@ GENERATION_PARAMS: dict[str, tuple[type, Any]] = {
     "return_full_text": (bool, False),
 }
 GENERATION_DEFAULTS: dict[str, Any] = {name: default for name, (_, default) in GENERATION_PARAMS.items()}
+# The smallest sampling temperature: scores are divided by it in float32, where 1e-300 is 0 and the division
+# gives inf and NaN probabilities (a RuntimeError deep in sampling). Below it, sampling is greedy in all but name.
+MIN_TEMPERATURE = 1e-3
 
 
 def resolve_device(device: str = "auto") -> torch.device:

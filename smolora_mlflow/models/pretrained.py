@@ -26,12 +26,25 @@ def progress_enabled() -> bool:
     return os.environ.get("SMOLORA_PROGRESS", "1") != "0"
 
 
+_FILE_BARS = ("Loading weights", "Writing model shards")  # transformers' bars over a model's tensors
+
+
+def _no_file_bars(factory, args, kwargs):
+    if kwargs.get("desc") in _FILE_BARS:
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
+
 def silence_progress_bars_if_asked() -> None:
-    """With ``SMOLORA_PROGRESS=0``, also hide the dataset-map and weight-loading bars of datasets/transformers."""
+    """Hide transformers' per-load "Loading weights" / "Writing model shards" bars (a run loads and saves
+    models many times: checkpoints, merge, evaluation; each takes seconds at most and a bar apiece buries the
+    training and evaluation bars); with ``SMOLORA_PROGRESS=0`` every dataset-map and weight bar too."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_tqdm_hook(_no_file_bars)
     if progress_enabled():
         return
     import datasets
-    from transformers.utils import logging as hf_logging
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()

@@ -16,7 +16,10 @@ Version tags: lineage from the training run (``smolora.run_id``, ``smolora.model
 of :mod:`smolora_mlflow.constants`, ``smolora.param.<lora_*>``, ``smolora.metric.<name>``); one tag per
 transition, ``smolora.transition.<17-digit epoch µs>.<8 hex>`` = JSON ``{"from", "to", "at", "reason",
 "user"}`` (a fresh key per event, so concurrent writers never overwrite each other and key order is
-time order); the last promotion decision, ``smolora.promotion.<field>``.
+time order); the last promotion decision, ``smolora.promotion.<field>``; the semantic version
+``smolora.semver`` (``MAJOR.MINOR.PATCH``, also the alias ``v<MAJOR>-<MINOR>-<PATCH>``), its reason
+``smolora.semver_reason`` and the training recipe it was derived from, ``smolora.recipe`` (see
+:mod:`smolora_mlflow.registry.semver`).
 
 Example:
     >>> mv = register(run_id, "reviews-lora")             # doctest: +SKIP
@@ -38,11 +41,14 @@ from smolora_mlflow.constants import (
 from smolora_mlflow.registry.core import KEY_METRICS, LEGAL_TRANSITIONS, LINEAGE_PARAMS, STAGE_ALIASES, STAGES
 from smolora_mlflow.registry.lookup import delete_alias, format_versions, history, load, resolve, set_alias, versions
 from smolora_mlflow.registry.promotion import PromotionDecision, promote
+from smolora_mlflow.registry.semver import TAG_SEMVER, TAG_SEMVER_REASON
+from smolora_mlflow.registry.semver import alias as semver_alias
 from smolora_mlflow.registry.transitions import register, rollback, transition
 
 __all__ = [
     "KEY_METRICS", "LEGAL_TRANSITIONS", "LINEAGE_PARAMS", "METRIC_TAG_PREFIX", "PARAM_TAG_PREFIX",
-    "PROMOTION_TAG_PREFIX", "STAGES", "STAGE_ALIASES", "TAG_MODEL_ID", "TAG_RUN_ID", "TRANSITION_TAG_PREFIX",
+    "PROMOTION_TAG_PREFIX", "STAGES", "STAGE_ALIASES", "TAG_MODEL_ID", "TAG_RUN_ID", "TAG_SEMVER", "TAG_SEMVER_REASON",
+    "TRANSITION_TAG_PREFIX",
     "PromotionDecision", "delete_alias", "format_versions", "history", "load", "promote", "register",
-    "resolve", "rollback", "set_alias", "transition", "versions",
+    "resolve", "rollback", "semver_alias", "set_alias", "transition", "versions",
 ]

@@ -16,6 +16,7 @@ from smolora_mlflow.constants import (
 from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.models import manifest
 from smolora_mlflow.registry import core
+from smolora_mlflow.registry import semver as semvers
 from smolora_mlflow.registry.core import KEY_METRICS, STAGE_ALIASES
 
 _logger = logging.getLogger(__name__)
@@ -26,6 +27,9 @@ def _free_alias(alias: str) -> str:
     if not isinstance(alias, str) or alias.lower() in STAGE_ALIASES.values():
         raise invalid_input(f"Alias {alias!r} mirrors a stage and is moved by transition(); pick another name, "
                        "e.g. 'champion'.")
+    if semvers.is_alias(alias):
+        raise invalid_input(f"Alias {alias!r} names a semantic version, set by register(); pick another name, "
+                            "e.g. 'champion'.")
     return alias
 
 
@@ -55,7 +59,7 @@ def delete_alias(name: str, alias: str, *, client: MlflowClient | None = None) -
 
 def resolve(name: str, stage_or_alias: int | str = "production", *,
             client: MlflowClient | None = None) -> ModelVersion:
-    """The version named by a stage (any case), an alias, a number or ``latest``.
+    """The version named by a stage (any case), an alias, a number, a semver (``1.2.0``) or ``latest``.
 
     Example:
         >>> resolve("reviews-lora", "Production").version  # doctest: +SKIP
@@ -65,6 +69,8 @@ def resolve(name: str, stage_or_alias: int | str = "production", *,
     key = str(stage_or_alias)
     if key.isdigit():
         return core.get_version(client, name, key)
+    if semvers.parse(key):  # 1.2.0: what the alias v1-2-0 names
+        return semvers.find(client, name, key)
     model, versions = core.get_model(client, name), core.all_versions(client, name)
     stage = {s.lower(): s for s in STAGE_ALIASES}.get(key.lower())
     if key.lower() == "latest" and versions:
@@ -89,7 +95,7 @@ def load(name: str, stage_or_alias: int | str = "production") -> mlflow.pyfunc.P
 
 
 def versions(name: str, *, client: MlflowClient | None = None) -> pd.DataFrame:
-    """One row per version: number, stage, aliases, run, creation time, description head, key metrics.
+    """One row per version: number, semver, stage, aliases, run, creation time, description head, key metrics.
 
     Example:
         >>> versions("reviews-lora")[["version", "stage", "eval_loss"]]  # doctest: +SKIP
@@ -97,9 +103,11 @@ def versions(name: str, *, client: MlflowClient | None = None) -> pd.DataFrame:
     client = client or MlflowClient()
     aliases: dict[str, list[str]] = {}
     for alias, v in core.get_model(client, name).aliases.items():
-        aliases.setdefault(str(v), []).append(alias)
-    columns = ["version", "stage", "aliases", "run_id", "created", "description", *KEY_METRICS, "promotion"]
-    rows = [[int(mv.version), mv.current_stage, ",".join(sorted(aliases.get(str(mv.version), []))),
+        if not semvers.is_alias(alias):  # the semver column shows it
+            aliases.setdefault(str(v), []).append(alias)
+    columns = ["version", "semver", "stage", "aliases", "run_id", "created", "description", *KEY_METRICS, "promotion"]
+    rows = [[int(mv.version), mv.tags.get(semvers.TAG_SEMVER, ""), mv.current_stage,
+             ",".join(sorted(aliases.get(str(mv.version), []))),
              mv.run_id or "", pd.Timestamp(mv.creation_timestamp, unit="ms", tz="UTC"),
              (mv.description or "").strip().split("\n", 1)[0][:60],
              *(float(mv.tags.get(METRIC_TAG_PREFIX + m, "nan")) for m in KEY_METRICS),

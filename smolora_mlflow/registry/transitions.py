@@ -27,6 +27,7 @@ from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.models import manifest
 from smolora_mlflow.refs import parse_model_ref
 from smolora_mlflow.registry import core
+from smolora_mlflow.registry import semver as semvers
 from smolora_mlflow.registry.core import STAGE_ALIASES
 from smolora_mlflow.registry.lookup import resolve
 
@@ -50,7 +51,7 @@ def _source(client: MlflowClient, ref: str) -> tuple[str, str | None, str | None
 
 def register(model_uri_or_run_id: str, name: str, *, description: str | None = None,
              tags: dict[str, Any] | None = None, await_registration_for: int = 300,
-             client: MlflowClient | None = None) -> ModelVersion:
+             client: MlflowClient | None = None, semver: str | None = None) -> ModelVersion:
     """Register a logged model as a new version of ``name``, with lineage tags from its training run.
 
     Args:
@@ -63,9 +64,12 @@ def register(model_uri_or_run_id: str, name: str, *, description: str | None = N
         tags: Extra version tags; they win over the lineage tags.
         await_registration_for: Seconds to wait for the version to be READY.
         client: MLflow client; default: one for the current tracking/registry URIs.
+        semver: ``MAJOR.MINOR.PATCH`` for this version instead of the derived one (see
+            :mod:`~smolora_mlflow.registry.semver`); greater than every existing one.
 
     Returns:
-        The new ModelVersion. MLflow's store assigns the number, so concurrent calls never collide.
+        The new ModelVersion, tagged with its semver. MLflow's store assigns the number, so concurrent
+        calls never collide.
 
     Example:
         >>> register("runs:/0a1b.../model", "reviews-lora").tags["smolora.param.lora_r"]  # doctest: +SKIP
@@ -77,7 +81,8 @@ def register(model_uri_or_run_id: str, name: str, *, description: str | None = N
     path = model_uri_or_run_id.removeprefix("runs:/").strip("/").partition("/")[2] or None
     digest = manifest.for_registration(client, run, model_id, path)  # recorded when the model was logged
     version_tags = {**core.lineage_tags(run, model_id), **({manifest.TAG: digest} if digest else {}),
-                    **{str(k): str(v) for k, v in (tags or {}).items()}}
+                    **{str(k): str(v) for k, v in (tags or {}).items()},
+                    **semvers.creation_tags(client, name, run, semver)}
     text = description or core.model_card(client, artifact_uri) or core.summary(run, source)
     try:
         client.create_registered_model(name, description="LoRA fine-tunes of causal LMs managed by "
@@ -88,6 +93,7 @@ def register(model_uri_or_run_id: str, name: str, *, description: str | None = N
             raise
     mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags, model_id=model_id,
                                      description=text[:_MAX_DESCRIPTION], await_creation_for=await_registration_for)
+    mv = semvers.assign(client, mv)
     _logger.info("Registered %s version %s from %s", name, mv.version, source)
     return mv
 

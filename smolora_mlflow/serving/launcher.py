@@ -5,7 +5,8 @@ and starts uvicorn in this Python, but on :mod:`smolora_mlflow.serving.app` (MLf
 request guard), and for ``models:/`` and ``runs:/`` URIs it first pins the version and compares the
 model's manifest with the digest recorded on the version (or run): a mismatch exits with status 1
 naming the version, before anything loads. The server process gets the digest too
-(``SMOLORA_MANIFEST_SHA256``) and checks the files again as it loads them.
+(``SMOLORA_MANIFEST_SHA256``) and checks the files again as it loads them. An API key
+(``SMOLORA_SERVE_API_KEY``) is passed on in the environment only, never on a command line.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def server_environment(model_uri: str, timeout: int | None = None) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mlflow.exceptions import MlflowException
+
+    from smolora_mlflow.serving.auth import api_key_from_env
+
+    try:  # a bad SMOLORA_SERVE_API_KEY stops here, before the download; the key stays in the environment
+        api_key_from_env()
+    except ValueError as e:
+        print(f"smolora serve: {e}", file=sys.stderr, flush=True)
+        return 2
 
     try:
         env = server_environment(args.model_uri, args.timeout)

@@ -12,15 +12,28 @@ What maps to what:
 - ``n`` must be 1; ``stop``, ``logprobs``, penalties, tools and logit bias are not supported and are
   refused when set to anything but their neutral value, so a client never silently gets something else.
 
-Chat ``content`` may be a string or a list of ``{"type": "text", "text": ...}`` parts.
+Chat ``content`` may be a string or a list of ``{"type": "text", "text": ...}`` parts. Numeric params must
+be finite (``NaN`` and ``Infinity`` are a 400, never a silent greedy or unbounded run).
+
+Every error under ``/v1/`` is OpenAI's ``{"error": {"message", "type", "param", "code"}}``: this module's
+:class:`BadRequest`, the request guard's and the API-key check's refusals (which build it with
+:func:`error_body`), and whatever else answers a ``/v1/`` path with an error (MLflow's 404 and 405, a
+500), which :class:`OpenAIErrors` rewrites on the way out.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from smolora_mlflow.models.generation import MIN_TEMPERATURE
+
+_logger = logging.getLogger(__name__)
 
 # `logprobs` is an integer in completions, a bool in chat.
 NEUTRAL = {"n": (1, None), "stop": (None, [], ""), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
@@ -41,8 +54,14 @@ class BadRequest(ValueError):
         self.message, self.param, self.status, self.code = message, param, status, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": "invalid_request_error", "param": self.param,
-                          "code": self.code}}
+        return error_body(self.message, self.status, self.param, self.code)
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: ``type`` is ``server_error`` for a 5xx, ``invalid_request_error`` otherwise
+    (as OpenAI's API answers a bad request, an unknown model and a wrong API key alike)."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclass
@@ -69,6 +88,8 @@ def _number(body: dict[str, Any], key: str, kind: type, low: float | None = None
     if value is None:
         return None
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and not math.isfinite(value):  # JSON's NaN/Infinity extensions and 1e999: a NaN compares False to all
+        raise BadRequest(f"`{key}` must be a finite number, got {value!r}.", key)
     if not ok or (kind is int and not float(value).is_integer()):
         raise BadRequest(f"`{key}` must be {'an integer' if kind is int else 'a number'}, got {value!r}.", key)
     if low is not None and value < low:
@@ -83,6 +104,9 @@ def _params(body: dict[str, Any], kind: str) -> dict[str, Any]:
     if max_tokens is not None:
         params["max_new_tokens"] = max_tokens
     temperature = _number(body, "temperature", float, 0)
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+        raise BadRequest(f"`temperature` must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {temperature!r}.",
+                         "temperature")
     if temperature is not None:
         params["do_sample"] = temperature > 0
         if temperature > 0:
@@ -205,3 +229,77 @@ def chunk(req: OpenAIRequest, piece: str | None, finish_reason: str | None = Non
 def models_list(names: list[str], created: int) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "smolora"}
                                        for n in names]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# errors in OpenAI's shape on every /v1/ path
+
+
+def is_openai_path(path: str | None) -> bool:
+    return bool(path) and (path == "/v1" or path.startswith("/v1/"))
+
+
+def _as_openai(status: int, body: bytes) -> bytes | None:
+    """``body`` as OpenAI's error object; None when it already is one."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if isinstance(document, dict) and isinstance(document.get("error"), dict) and "message" in document["error"]:
+        return None
+    message = (document.get("message") or document.get("detail")) if isinstance(document, dict) else None
+    if not isinstance(message, str):
+        message = json.dumps(message) if message else body.decode("utf-8", "replace").strip()
+    return json.dumps(error_body(message or f"HTTP {status}", status)).encode()
+
+
+class OpenAIErrors:
+    """ASGI middleware: an error answered on a ``/v1/`` path leaves in OpenAI's shape, whoever answered it.
+
+    Only error responses are held back (to rewrite them whole); a 2xx, a stream included, passes through
+    as it is sent.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not is_openai_path(scope.get("path")):
+            await self.app(scope, receive, send)
+            return
+        held: dict[str, Any] = {}
+        chunks: list[bytes] = []
+        started = False
+
+        async def shaped(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                held.update(message)
+                return
+            if not held or message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(chunks)
+            body = _as_openai(held["status"], body) or body
+            headers = [(k, v) for k, v in held.get("headers", []) if k.lower() not in (b"content-type",
+                                                                                    b"content-length")]
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({**held, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        try:
+            await self.app(scope, receive, shaped)
+        except Exception:  # a bug, not the client's fault: still an answer an OpenAI client can read
+            if started:
+                raise
+            _logger.exception("Unhandled error on %s", scope.get("path"))
+            body = json.dumps(error_body("The server failed to answer this request; see its log.", 500)).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})

@@ -5,8 +5,10 @@ signature (``prompt``: string) and casts every value to ``str`` on the way, so `
 model as ``"None"`` and ``7`` as ``"7"``, and would be answered with generated text. Here the JSON
 types are still there: a prompt that is ``null``, a number or a boolean is named by its row, in every
 payload form (``dataframe_records``, ``dataframe_split``, ``inputs``, ``instances`` and the unified
-``{"prompt": ...}``). Everything else is left to the flavor, which checks the rest (empty strings,
-chat messages, lengths).
+``{"prompt": ...}``). In ``inputs`` and ``instances`` (MLflow's tensor forms) an object is refused too,
+chat messages included: MLflow casts it to its Python ``str`` (``"{'a': 1}"``), which the model would
+complete; chat messages go in ``dataframe_records`` or to ``/v1/chat/completions``. Everything else is
+left to the flavor, which checks the rest (empty strings, chat messages, lengths).
 """
 
 from __future__ import annotations
@@ -17,41 +19,44 @@ from typing import Any
 PROMPT = "prompt"
 
 
-def _kind(value: Any) -> str | None:
+def _kind(value: Any, objects: bool = False) -> str | None:
+    """What is wrong with ``value`` as a prompt's JSON type; ``objects``: an object is wrong too."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return f"a boolean ({json.dumps(value)})"
     if isinstance(value, (int, float)):
         return f"a number ({json.dumps(value)})"
+    if objects and isinstance(value, dict):
+        return ("an object, which MLflow's inputs/instances forms turn into its Python text; send chat messages "
+                "as dataframe_records or to /v1/chat/completions")
     return None
 
 
-def _cell(value: Any, where: str) -> str | None:
-    kind = _kind(value)
-    if kind is None and isinstance(value, list):  # a list of prompts in one cell expands to rows
-        return next((p for j, item in enumerate(value) if (p := _cell_scalar(item, f"{where}[{j}]"))), None)
-    return _cell_scalar(value, where)
+def _cell(value: Any, where: str, objects: bool = False) -> str | None:
+    if isinstance(value, list):  # a list of prompts in one cell expands to rows (depth is bounded by the guard)
+        return next((p for j, item in enumerate(value) if (p := _cell(item, f"{where}[{j}]", objects))), None)
+    return _cell_scalar(value, where, objects)
 
 
-def _cell_scalar(value: Any, where: str) -> str | None:
-    kind = _kind(value)
+def _cell_scalar(value: Any, where: str, objects: bool = False) -> str | None:
+    kind = _kind(value, objects)
     return None if kind is None else f"{where} must be a string or a list of chat messages, got {kind}."
 
 
-def _rows(values: Any) -> str | None:
+def _rows(values: Any, objects: bool = False) -> str | None:
     """A column of prompts (one per row) or a single prompt."""
     if isinstance(values, list):
-        return next((p for i, v in enumerate(values) if (p := _cell(v, f"`{PROMPT}` at row {i}"))), None)
-    return _cell(values, f"`{PROMPT}` at row 0")
+        return next((p for i, v in enumerate(values) if (p := _cell(v, f"`{PROMPT}` at row {i}", objects))), None)
+    return _cell(values, f"`{PROMPT}` at row 0", objects)
 
 
-def _records(rows: Any) -> str | None:
+def _records(rows: Any, objects: bool = False) -> str | None:
     if not isinstance(rows, list):
         return None
     for i, row in enumerate(rows):
         if isinstance(row, dict) and PROMPT in row:
-            if problem := _cell(row[PROMPT], f"`{PROMPT}` at row {i}"):
+            if problem := _cell(row[PROMPT], f"`{PROMPT}` at row {i}", objects):
                 return problem
         elif not isinstance(row, (dict, list)) and (problem := _cell(row, f"`{PROMPT}` at row {i}")):
             return problem
@@ -73,8 +78,8 @@ def _split(frame: Any) -> str | None:
 
 def _tensor_input(value: Any) -> str | None:
     if isinstance(value, dict):
-        return _rows(value[PROMPT]) if PROMPT in value else None
-    return _records(value)
+        return _rows(value[PROMPT], objects=True) if PROMPT in value else None
+    return _records(value, objects=True)
 
 
 def prompt_problem(document: Any) -> str | None:

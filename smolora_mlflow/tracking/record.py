@@ -123,10 +123,22 @@ def prompt_tags(prompt_format: str, tokenizer, reason: str = "") -> dict[str, st
     tags = {C.TAG_PROMPT_FORMAT: prompt_format}
     if reason:
         tags[C.TAG_PROMPT_FORMAT_REASON] = reason[:5000]
+    if (digest := tokenizer_sha256(tokenizer)) is not None:
+        tags[C.TAG_TOKENIZER_SHA256] = digest
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if prompt_format == "chat" and isinstance(template, str):
         tags[C.TAG_CHAT_TEMPLATE_SHA256] = hashlib.sha256(template.encode("utf-8")).hexdigest()
     return tags
+
+
+def tokenizer_sha256(tokenizer) -> str | None:
+    """sha256 of a fast tokenizer's serialized vocabulary, merges and normalizer; None for others."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
 
 
 def dataset_inputs(data) -> list[tuple[Any, str]]:

@@ -30,7 +30,7 @@ from smolora_mlflow import constants as C
 from smolora_mlflow.config import SmoloraConfig
 from smolora_mlflow.constants import ARTIFACT_ERROR, TAG_ERROR
 from smolora_mlflow.redaction import redact
-from smolora_mlflow.tracking.experiments import experiment_id_for
+from smolora_mlflow.tracking.experiments import experiment_id_for, mark_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ class RunTracker:
         if target:  # the checkpoint's run, or the one `mlflow run` made: keep its name unless one was given
             run = mlflow.start_run(run_id=target, run_name=self.cfg.run_name, nested=active is not None,
                                    log_system_metrics=system)
+            mark_experiment(run.info.experiment_id, self.client)
             return run, True, True
         if active is not None:  # e.g. the parent run of a workflow: the training is its child
             run = mlflow.start_run(run_name=self._default_run_name(), nested=True,

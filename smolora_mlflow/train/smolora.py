@@ -295,10 +295,15 @@ def _drop_stock_mlflow_callback(trainer) -> None:
 
 
 class QuietProgress(ProgressCallback):
-    """The training progress bar, without a dict printed at every logging step."""
+    """The training progress bar, without a dict printed at every logging step, and without a second bar
+    for each evaluation inside training (an evaluation on its own keeps its bar)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         return None
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if self.training_bar is None:
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
 
 def _checkpoint_dir_of_run(run_id: str, tracking_uri: str | None) -> str | None:

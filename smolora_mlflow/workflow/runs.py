@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from smolora_mlflow import constants as C
 from smolora_mlflow.config import SmoloraConfig
-from smolora_mlflow.tracking.experiments import experiment_id_for
+from smolora_mlflow.tracking.experiments import experiment_id_for, mark_experiment
 
 
 @contextlib.contextmanager
@@ -27,6 +27,7 @@ def step_run(cfg: SmoloraConfig, run_name: str, step: str) -> Iterator[str]:
         run = mlflow.start_run(run_name=run_name, nested=True, experiment_id=active.info.experiment_id)
     elif os.environ.get("MLFLOW_RUN_ID"):
         run = mlflow.start_run()  # the run `mlflow run` created: keep its name
+        mark_experiment(run.info.experiment_id)
     else:
         run = mlflow.start_run(run_name=run_name, experiment_id=experiment_id_for(cfg.experiment_name))
     mlflow.set_tag(C.TAG_STEP, step)

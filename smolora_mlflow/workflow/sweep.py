@@ -8,9 +8,9 @@ number) and the best; each trial run carries ``smolora.sweep_run_id`` and ``smol
 :func:`smolora_mlflow.compare.sweep_trials` reads a sweep back. The best trial's model is logged into its
 own run, registered when ``registered_model_name`` is set, and optionally promoted.
 
-Optuna runs trials in this process, one after another. To scale out, the same objective runs under Ray
-Tune (``ray.tune.search.optuna.OptunaSearch``) with each worker pointed at the same tracking server; that
-is not built in here.
+Optuna runs trials in this process, one after another. ``sweep_backend: ray`` runs them as Ray Tune trials
+in parallel worker processes, on one machine or a Ray cluster (:mod:`~smolora_mlflow.workflow.sweep_ray`),
+with the same record.
 
 Example:
     >>> cfg = SmoloraConfig.from_yaml("configs/demo.yaml", {"eval_fraction": 0.1, "sweep_trials": 4,
@@ -98,13 +98,26 @@ def _suggest(trial, space: dict[str, tuple[str, Any]]) -> dict[str, Any]:
     return params
 
 
-def _study(cfg: SmoloraConfig, maximize: bool):
+def sampler(cfg: SmoloraConfig):
+    """The Optuna sampler of ``cfg.sweep_sampler``, seeded (both backends search with it)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our runs say what each trial did
-    sampler = (optuna.samplers.RandomSampler(seed=cfg.seed) if cfg.sweep_sampler == "random"
-               else optuna.samplers.TPESampler(seed=cfg.seed))
-    return optuna.create_study(direction="maximize" if maximize else "minimize", sampler=sampler)
+    return (optuna.samplers.RandomSampler(seed=cfg.seed) if cfg.sweep_sampler == "random"
+            else optuna.samplers.TPESampler(seed=cfg.seed))
+
+
+def _study(cfg: SmoloraConfig, maximize: bool):
+    import optuna
+
+    return optuna.create_study(direction="maximize" if maximize else "minimize", sampler=sampler(cfg))
+
+
+def parent_params(cfg: SmoloraConfig, maximize: bool) -> dict[str, Any]:
+    """What the sweep's parent run records about the search, whatever runs the trials."""
+    return {"sweep_trials": cfg.sweep_trials, "sweep_metric": cfg.sweep_metric, "sweep_sampler": cfg.sweep_sampler,
+            "sweep_direction": "max" if maximize else "min",
+            **{f"sweep_space.{k}": v for k, v in cfg.sweep_space.items()}}
 
 
 def run_sweep(cfg: SmoloraConfig, *, promote: bool = False, promote_options: dict[str, Any] | None = None,
@@ -126,25 +139,33 @@ def run_sweep(cfg: SmoloraConfig, *, promote: bool = False, promote_options: dic
     maximize = higher_is_better(cfg.sweep_metric)
     with step_run(cfg, cfg.run_name or "sweep", "sweep") as parent_id:
         result = SweepResult(parent_id)
-        mlflow.log_params({"sweep_trials": cfg.sweep_trials, "sweep_metric": cfg.sweep_metric,
-                           "sweep_sampler": cfg.sweep_sampler, "sweep_direction": "max" if maximize else "min",
-                           **{f"sweep_space.{k}": v for k, v in cfg.sweep_space.items()}})
+        mlflow.log_params(parent_params(cfg, maximize))
         best: dict[str, Any] = {}
         bases: dict[str, Any] = {}  # base model -> loaded once for task_eval, whatever the trials change
+
+        def record(number: int, params: dict[str, Any], run_id: str, value: float, lora=None) -> None:
+            result.trials.append({"number": number, "run_id": run_id, "params": params, "value": value})
+            if not best or (value > best["value"] if maximize else value < best["value"]):
+                best.update(lora=lora, value=value, params=params, run_id=run_id, number=number)
+            mlflow.log_metrics({cfg.sweep_metric: value, C.METRIC_SWEEP_BEST: best["value"]}, step=number)
 
         def objective(trial) -> float:
             params = _suggest(trial, space)
             say(f"trial {trial.number}: {params}")
             lora, value = _trial(cfg, parent_id, trial.number, params, bases)
-            run_id = lora.run_id
-            result.trials.append({"number": trial.number, "run_id": run_id, "params": params, "value": value})
-            better = not best or (value > best["value"] if maximize else value < best["value"])
-            if better:
-                best.update(lora=lora, value=value, params=params, run_id=run_id)
-            mlflow.log_metrics({cfg.sweep_metric: value, C.METRIC_SWEEP_BEST: best["value"]}, step=trial.number)
+            record(trial.number, params, lora.run_id, value, lora)
             return value
 
-        _study(cfg, maximize).optimize(objective, n_trials=cfg.sweep_trials)
+        if cfg.sweep_backend == "ray":
+            from smolora_mlflow.workflow import sweep_ray
+
+            mlflow.log_params(sweep_ray.run_params(cfg))
+            trials = sweep_ray.run_trials(cfg, space, parent_id, maximize, sampler(cfg), _trial, say)
+            for t in trials:
+                record(t["number"], t["params"], t["run_id"], t["value"])
+            best["lora"] = sweep_ray.trial_lora(cfg, next(t for t in trials if t["number"] == best["number"]))
+        else:
+            _study(cfg, maximize).optimize(objective, n_trials=cfg.sweep_trials)
         result.best_run_id, result.best_params, result.best_value = best["run_id"], best["params"], best["value"]
         mlflow.set_tag(C.TAG_SWEEP_BEST_RUN_ID, result.best_run_id)
         _publish_best(cfg, result, best["lora"], promote, promote_options or {}, log_model_options or {}, say)
