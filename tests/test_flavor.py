@@ -393,14 +393,16 @@ def test_unencodable_prompts_and_template_refusals_are_400_not_500(loaded):
         with pytest.raises(MlflowException, match=r"lone surrogate \(U\+D[8-F][0-9A-F]{2}\)") as e:
             impl.predict(model_input)
         assert e.value.get_http_status_code() == 400
-    template = impl.tokenizer.chat_template
+    template, fmt = impl.tokenizer.chat_template, impl.prompt_format
+    # A plain-format model reads a lone user message as plain text: the template speaks only for a chat model.
     impl.tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    impl.prompt_format = "chat"
     try:
         with pytest.raises(MlflowException, match="roles must alternate") as e:
             impl.predict([{"role": "user", "content": "hi"}])
         assert e.value.get_http_status_code() == 400
     finally:
-        impl.tokenizer.chat_template = template
+        impl.tokenizer.chat_template, impl.prompt_format = template, fmt
 
 
 # ----------------------------------------------------------------------------------------------------

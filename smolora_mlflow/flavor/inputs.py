@@ -120,6 +120,7 @@ def _chat(tokenizer, messages: Any, where: str, chat: bool = True) -> str:
                 raise invalid_input(f"{where}: the user message is empty; every prompt must contain text.")
             return messages[0]["content"]
         roles = [m.get("role") for m in messages]
+        _check_unicode([str(r) for r in roles])  # a role no text can hold is that mistake, said first
         raise invalid_input(
             f"{where}: this model was trained on plain prompts (prompt_format: plain), not chat turns, so a "
             f"conversation of {len(messages)} messages (roles {roles}) has no rendering it was trained on. Send "

@@ -25,7 +25,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, Router
+from starlette.routing import Match, Route, Router
 
 from smolora_mlflow.flavor.scheduler import LoopEvents
 from smolora_mlflow.serving import openai_api
@@ -119,6 +119,16 @@ class EventStream(Response):
                 self.metrics.inc("smolora_streams_cancelled_total", adapter=self.adapter)
 
 
+class _Route(Route):
+    """A route whose path matches with another method is not this route's: the request goes on to MLflow's app,
+    which answers it (404/405) in JSON as it answers every path it does not serve, instead of Starlette's
+    plain-text 405."""
+
+    def matches(self, scope) -> tuple[Match, dict[str, Any]]:
+        match, child = super().matches(scope)
+        return (Match.NONE, {}) if match == Match.PARTIAL else (match, child)
+
+
 def _error(e: Exception, openai: bool) -> JSONResponse:
     if isinstance(e, openai_api.BadRequest):
         body = e.body() if openai else {"error_code": "INVALID_PARAMETER_VALUE", "message": e.message}
@@ -144,11 +154,11 @@ class Routes:
         self.request_threads = request_threads
         self._widened = False
         self.router = Router(routes=[
-            Route("/metrics", self.metrics_text, methods=["GET"]),
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            Route("/stream", self.stream, methods=["POST"]),
+            _Route("/metrics", self.metrics_text, methods=["GET"]),
+            _Route("/v1/models", self.models, methods=["GET"]),
+            _Route("/v1/completions", self.completions, methods=["POST"]),
+            _Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            _Route("/stream", self.stream, methods=["POST"]),
         ], default=fallback)
 
     async def __call__(self, scope, receive, send) -> None:
