@@ -6,6 +6,8 @@ a logged model and a registered version speak the same vocabulary.
 
 FLAVOR_NAME = "smolora"
 ADAPTER_PARAM = "adapter"  # the param (and /stream field) naming an adapter set's adapter
+ADAPTER_SET_MODE = "adapter_set"  # the flavor mode of a set of adapters on one base
+ADAPTER_SET_REFS_FILE = "adapters.json"  # its hashed data file: adapter name -> model URI
 
 # Run tags (lineage).
 TAG_BASE_MODEL = "smolora.base_model"

@@ -221,10 +221,15 @@ def test_edited_mlmodel_references_and_mixed_prompt_formats_are_refused(registry
     from smolora_mlflow import flavor
     from smolora_mlflow.flavor import adapter_set
 
-    # MLmodel's `adapters` is outside the manifest digest; the hashed adapters.json is what counts.
+    # MLmodel's `adapters` is covered by the manifest digest (format 2), which the MLmodel's model_id leads to;
+    # without that record, the hashed adapters.json is what counts.
     local = Path(mlflow.artifacts.download_artifacts("models:/bots/1", dst_path=str(tmp_path / "dl")))
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     mlmodel["flavors"]["smolora"]["adapters"]["a1"] = "models:/a0/2"
+    (local / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with pytest.raises(MlflowException, match=f"logged model {mlmodel['model_id']} has digest"):
+        mlflow.pyfunc.load_model(str(local), model_config={"refresh_seconds": 0})
+    del mlmodel["model_id"]
     (local / "MLmodel").write_text(yaml.safe_dump(mlmodel))
     with pytest.raises(MlflowException, match=r"the adapters in MLmodel \(.*'a1': 'models:/a0/2'.*\) differ from "
                                               r"those in its hashed `adapter_set/adapters.json` \(.*'a1': "

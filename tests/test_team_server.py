@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,3 +214,64 @@ def test_team_server_tracks_registers_and_serves_a_model(as_alice, tmp_path):
     assert list(out.columns) == ["generated_text"]
     assert out["generated_text"].tolist() == lora.batch_inference(PROMPTS, max_new_tokens=8)
     assert registry.resolve(name, "Production").version == version
+
+
+def _write_routes() -> list[tuple[str, str]]:
+    """(method, path) of every write route the installed MLflow server has: the routers its FastAPI app
+    includes (OpenTelemetry, jobs, gateway, assistant, artifact upload, MCP servers; see
+    ``mlflow/server/fastapi_app.py``), its Flask REST and ajax routes, and basic-auth's own."""
+    import re
+
+    from mlflow.server import app as flask_app
+    from mlflow.server.artifact_router import artifact_router
+    from mlflow.server.assistant.api import assistant_router
+    from mlflow.server.auth import routes as auth_routes
+    from mlflow.server.gateway_api import gateway_router
+    from mlflow.server.job_api import job_api_router
+    from mlflow.server.mcp_server_api import get_mcp_server_api_route_prefixes, mcp_server_router
+    from mlflow.server.otel_api import otel_router
+
+    writes = {"POST", "PUT", "PATCH", "DELETE"}
+    mounted = [("", r) for router in (otel_router, job_api_router, gateway_router, assistant_router,
+                                      artifact_router) for r in router.routes]
+    mounted += [(prefix, r) for prefix in get_mcp_server_api_route_prefixes() for r in mcp_server_router.routes]
+    found = {(m, prefix + r.path) for prefix, r in mounted for m in r.methods if m in writes}
+    assert {"/v1/traces", "/gateway/openai/v1/chat/completions", "/ajax-api/3.0/jobs/"} <= {p for _, p in found}
+    found |= {(m, rule.rule) for rule in flask_app.url_map.iter_rules() for m in rule.methods if m in writes}
+    found |= {(m, v) for v in vars(auth_routes).values() if isinstance(v, str) and v.startswith(("/api", "/ajax"))
+              for m in ("POST", "PATCH", "DELETE")}
+    # Path parameters ({name}, {path:path}, <name>) get a harmless value.
+    return sorted((m, re.sub(r"\{[^}]+\}|<[^>]+>", "anon", p)) for m, p in found)
+
+
+def test_anonymous_writes_are_refused_on_every_route_fastapi_ones_included(team_server):
+    """CVE-2026-0545 / CVE-2026-2652: before MLflow 3.10 some FastAPI routes of a basic-auth server took
+    anonymous writes. Every write route of the installed server answers 401 or 403 without credentials, and
+    nothing is written."""
+    routes = _write_routes()
+    assert len(routes) > 150
+    bodies = {"/api/2.0/mlflow/experiments/create": {"name": "anonymous-exp"},
+              "/api/2.0/mlflow/registered-models/create": {"name": "anonymous-model"},
+              "/api/2.0/mlflow/users/create": {"username": "anonymous-user", "password": "anonymous-pass-123"}}
+
+    def answer(route: tuple[str, str]) -> str | None:
+        method, path = route
+        r = requests.request(method, team_server.url + path, json=bodies.get(path, {}), timeout=60)
+        return None if r.status_code in (401, 403) else f"{method} {path}: {r.status_code}"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # the server answers them concurrently
+        allowed = [a for a in pool.map(answer, routes) if a]
+    put = requests.put(f"{team_server.url}/api/2.0/mlflow-artifacts/artifacts/anon/planted.txt", data=b"x",
+                       timeout=30)
+    assert allowed == [] and put.status_code in (401, 403)
+    assert not list(team_server.artifacts.rglob("planted.txt"))
+    admin = MlflowClient(team_server.url)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", team_server.users["admin"])
+        assert admin.get_experiment_by_name("anonymous-exp") is None
+        assert not admin.search_registered_models("name = 'anonymous-model'")
+        from mlflow.server import get_app_client
+
+        with pytest.raises(MlflowException, match="anonymous-user"):
+            get_app_client("basic-auth", tracking_uri=team_server.url).get_user("anonymous-user")

@@ -131,14 +131,13 @@ def load_for_inference(ref: str | os.PathLike, *, device: str = "auto", hub_kern
 
 
 def _load_mlflow_model(uri: str, device: str, hub_kernels: bool = False) -> LoadedModel:
-    import mlflow
-
     from smolora_mlflow import flavor
+    from smolora_mlflow.models.integrity import open_verified
 
+    vm = open_verified(uri, defer_file_hashes=True)  # the one integrity check of this load
     # Asked for here, or recorded in the flavor block when it was saved (None defers to the block).
-    model, tokenizer = flavor.load_model(uri, device=device, hub_kernels=True if hub_kernels else None)
-    conf = mlflow.models.get_model_info(uri).flavors.get(C.FLAVOR_NAME) or {}
-    return LoadedModel(model.eval(), tokenizer, uri, conf.get("prompt_format") or "plain")
+    model, tokenizer = flavor.load_model(vm, device=device, hub_kernels=True if hub_kernels else None)
+    return LoadedModel(model.eval(), tokenizer, uri, vm.conf.get("prompt_format") or "plain")
 
 
 def _load_hf(path: str, device: str, *, source: str, hub_kernels: bool = False) -> LoadedModel:

@@ -7,7 +7,6 @@ peft and transformers are imported inside functions.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import tempfile
@@ -15,16 +14,15 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_STATE
 
 from smolora_mlflow.errors import invalid_input
-from smolora_mlflow.flavor import files
-from smolora_mlflow.flavor.adapter_set import REFS_FILE, _fetch, _Resolved
+from smolora_mlflow.flavor.adapter_set import _fetch
 from smolora_mlflow.models import manifest
+from smolora_mlflow.models.integrity import VerifiedModel
 from smolora_mlflow.models.pretrained import load_causal_lm, quiet_upstream_deprecations
 
 logger = logging.getLogger(__name__)
@@ -91,11 +89,11 @@ class AdapterPool:
     def internal(self, name: str) -> str:
         return self.loaded[name].internal
 
-    def add(self, name: str, resolved: _Resolved) -> None:
+    def add(self, name: str, resolved: VerifiedModel) -> None:
         """Load ``resolved`` (already checked) beside what is loaded, then point ``name`` at it."""
         self._serial += 1
         internal = _internal(name, self._serial)
-        data_dir = str(Path(resolved.local) / resolved.conf["data"])
+        data_dir = str(resolved.data_dir)
         with self.lock:
             with quiet_upstream_deprecations():
                 self.model.load_adapter(data_dir, adapter_name=internal, is_trainable=False)
@@ -169,7 +167,7 @@ class AdapterPool:
         return {name: entry.nbytes for name, entry in self.loaded.items()}
 
 
-def _check_format(name: str, resolved: _Resolved, prompt_format: str) -> None:
+def _check_format(name: str, resolved: VerifiedModel, prompt_format: str) -> None:
     got = resolved.conf.get("prompt_format") or "plain"
     if got != prompt_format:
         raise MlflowException(
@@ -178,37 +176,20 @@ def _check_format(name: str, resolved: _Resolved, prompt_format: str) -> None:
             error_code=INVALID_STATE)
 
 
-def _verified_refs(model_root: Path, conf: dict[str, Any]) -> dict[str, str]:
-    """The references in the hashed ``adapters.json`` (verified by now), refused if MLmodel says otherwise.
-
-    The manifest digest covers the data files, not MLmodel's ``adapters`` key; whoever could edit MLmodel
-    could otherwise point a name at another model.
-    """
-    path = model_root / conf["data"] / REFS_FILE
-    try:
-        refs = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MlflowException(f"Adapter set `{model_root}`: its references file `{path}` cannot be read: {e}.",
-                              error_code=INVALID_STATE) from e
-    listed = conf.get("adapters")
-    if not isinstance(refs, dict) or refs != listed:
-        raise MlflowException(
-            f"Adapter set `{model_root}`: the adapters in MLmodel ({listed!r}) differ from those in its hashed "
-            f"`{conf['data']}/{REFS_FILE}` ({refs!r}); MLmodel was edited after the set was saved. Refusing "
-            "to load it: re-download or re-log the adapter set.", error_code=INVALID_STATE)
-    return {str(k): str(v) for k, v in refs.items()}
-
-
-def load(model_root: Path, conf: dict[str, Any], *, device, torch_dtype, base_model_path: str | None,
+def load(vm: VerifiedModel, *, device, torch_dtype, base_model_path: str | None,
          refresh_seconds: float | None = None, hub_kernels: bool = False) -> tuple[Any, Any, AdapterPool]:
-    """(PeftModel with every adapter, tokenizer, pool) for an adapter-set model folder."""
+    """(PeftModel with every adapter, tokenizer, pool) for an adapter set the integrity gate opened.
+
+    Its references come from the MLmodel, which the gate compared with the hashed ``adapters.json``;
+    each adapter is opened through the gate in turn.
+    """
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    files.verify_files(model_root / conf["data"], conf.get("file_sha256") or {})
-    refs = _verified_refs(model_root, conf)
-    base_dir = files.locate_base(conf, base_model_path)
-    files.check_base_hash(base_dir, conf)
+    conf, model_root = vm.conf, vm.root
+    vm.data_dir  # noqa: B018 - the set's own file hashes, checked before anything else is read
+    refs = {str(k): str(v) for k, v in conf["adapters"].items()}
+    base_dir = vm.base_dir(base_model_path)
     base = load_causal_lm(base_dir, dtype=torch_dtype, hub_kernels=hub_kernels)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,7 +209,7 @@ def load(model_root: Path, conf: dict[str, Any], *, device, torch_dtype, base_mo
         first_name = next(iter(fetched))
         first = fetched[first_name]
         with quiet_upstream_deprecations():
-            model = PeftModel.from_pretrained(base, str(first.local / first.conf["data"]), adapter_name=_internal(
+            model = PeftModel.from_pretrained(base, str(first.data_dir), adapter_name=_internal(
                 first_name, 0), is_trainable=False)
         pool = AdapterPool(model, refs, conf.get("base_model_sha256"),
                            conf.get("refresh_seconds", 30) if refresh_seconds is None else refresh_seconds,

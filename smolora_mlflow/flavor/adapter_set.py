@@ -31,7 +31,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +44,19 @@ from mlflow.types.schema import ParamSchema, ParamSpec
 from mlflow.utils.environment import _CONDA_ENV_FILE_NAME, _PYTHON_ENV_FILE_NAME, _validate_env_arguments
 from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
 
-from smolora_mlflow.constants import ADAPTER_PARAM, FLAVOR_NAME
+from smolora_mlflow.constants import ADAPTER_PARAM, ADAPTER_SET_MODE, ADAPTER_SET_REFS_FILE, FLAVOR_NAME
 from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor import files
 from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS
 from smolora_mlflow.models import manifest
+from smolora_mlflow.models.folder_checks import FLAVOR_MODULE, hash_tree
+from smolora_mlflow.models.integrity import VerifiedModel, open_verified
 
 logger = logging.getLogger(__name__)
 
-MODE = "adapter_set"
+MODE = ADAPTER_SET_MODE
 DATA = "adapter_set"
-REFS_FILE = "adapters.json"
+REFS_FILE = ADAPTER_SET_REFS_FILE
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -73,56 +74,24 @@ def _check_refs(adapters: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in adapters.items()}
 
 
-@dataclass
-class _Resolved:
-    uri: str  # pinned (models:/name/N), as downloaded
-    local: Path  # the downloaded model folder
-    conf: dict[str, Any]
-
-
-def _fetch(name: str, uri: str, base_sha256: str | None, dst: str | None = None, client=None) -> _Resolved:
-    """Download one referenced adapter model and check it: mode, manifest digest, file hashes, base hash.
+def _fetch(name: str, uri: str, base_sha256: str | None, dst: str | None = None, client=None) -> VerifiedModel:
+    """Open one referenced adapter model through the integrity gate, then check it belongs in this set:
+    adapter mode, and trained on the set's base weights.
 
     ``client`` names the stores to read (the pool's refresh thread passes the ones the set was loaded from);
     default: the current tracking and registry URIs.
     """
-    expected = manifest.resolve(uri, client=client)
-    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-
-    if dst:
-        os.makedirs(dst, exist_ok=True)
-    source, stores = expected.uri, {}
-    if client is not None:
-        # MLflow resolves a models:/ URI with the process-wide registry URI, whatever it is given, so the
-        # version's files are looked up here with ``client`` and downloaded from where they live.
-        source = _storage_uri(client, expected.uri)
-        stores = {"tracking_uri": client.tracking_uri, "registry_uri": client._registry_uri}
-    local = Path(_download_artifact_from_uri(artifact_uri=source, output_path=dst, **stores))
-    conf = files.read_flavor_conf(local)
-    manifest.check(conf, expected)
-    if conf.get("mode") != "adapter":
-        raise invalid_input(f"Adapter `{name}` ({uri}) is a smolora model in `{conf.get('mode')}` mode; an adapter set "
-                   "takes only models logged with mode='adapter'.")
-    if base_sha256 and conf.get("base_model_sha256") != base_sha256:
+    vm = open_verified(uri, client=client, dst_path=dst)
+    if vm.conf.get("mode") != "adapter":
+        raise invalid_input(f"Adapter `{name}` ({uri}) is a smolora model in `{vm.conf.get('mode')}` mode; an "
+                            "adapter set takes only models logged with mode='adapter'.")
+    if base_sha256 and vm.conf.get("base_model_sha256") != base_sha256:
         raise MlflowException(
-            f"Adapter `{name}` ({expected.uri}) was trained on base weights with sha256 "
-            f"{conf.get('base_model_sha256')}, but this adapter set's base has sha256 {base_sha256}; every "
+            f"Adapter `{name}` ({vm.uri}) was trained on base weights with sha256 "
+            f"{vm.conf.get('base_model_sha256')}, but this adapter set's base has sha256 {base_sha256}; every "
             "adapter of a set must be trained on the same base model. Remove it or retrain it on that base.",
             error_code=INVALID_STATE)
-    files.verify_files(local / conf["data"], conf.get("file_sha256") or {})
-    return _Resolved(expected.uri, local, conf)
-
-
-def _storage_uri(client, uri: str) -> str:
-    """Where the files of a pinned ``models:/name/N`` or ``models:/<model_id>`` live; other URIs as they are."""
-    if not uri.startswith("models:/"):
-        return uri
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    found = get_model_name_and_version(client, uri)
-    if len(found) == 1:
-        return client.get_logged_model(found[0]).artifact_location
-    return client.get_model_version_download_uri(*found)
+    return vm
 
 
 def _signature(defaults: Mapping[str, Any]) -> ModelSignature:
@@ -139,7 +108,7 @@ def save_model(path: str | os.PathLike, adapters: Mapping[str, str], *, refresh_
                metadata: dict[str, Any] | None = None) -> None:
     """Save an adapter set: ``adapters`` maps each name requests use to a smolora adapter-mode model URI.
 
-    Every adapter is fetched and checked now (adapter mode, manifest, file hashes) and must record the
+    Every adapter is fetched and checked now (the integrity gate, then adapter mode) and must record the
     same base weights hash and the same ``prompt_format`` as the first (the set records that format, and
     renders chat requests with it); the base must be available locally for its generation defaults.
     """
@@ -161,6 +130,7 @@ def save_model(path: str | os.PathLike, adapters: Mapping[str, str], *, refresh_
                        f"prompts), since the set renders every request alike; got {formats}. Put adapters "
                        "with different formats in different sets.")
         code_subpath = _validate_and_copy_code_paths([str(_PACKAGE_DIR), *(code_paths or [])], str(path))
+        code_sha256 = hash_tree(path / code_subpath)
         data_dir = path / DATA
         data_dir.mkdir()
         (data_dir / REFS_FILE).write_text(json.dumps(refs, indent=2), encoding="utf-8")
@@ -172,14 +142,15 @@ def save_model(path: str | os.PathLike, adapters: Mapping[str, str], *, refresh_
                     refresh_seconds=float(refresh_seconds),
                     generation_defaults=defaults, max_new_tokens_limit=max_new_tokens_limit,
                     max_prompt_tokens=max_prompt_tokens, context_length=files.context_length(base_dir),
-                    file_sha256=files.hash_files(data_dir))
+                    file_sha256=hash_tree(data_dir), code_sha256=code_sha256,
+                    format_version=manifest.FORMAT_VERSION)
         mlflow_model = mlflow_model or Model()
         example, example_params = files.default_input_example(defaults)
         _save_example(mlflow_model, (example, {**example_params, ADAPTER_PARAM: first_name}), str(path))
         mlflow_model.signature = _signature(defaults)
         if metadata is not None:
             mlflow_model.metadata = metadata
-        pyfunc.add_to_model(mlflow_model, loader_module="smolora_mlflow.flavor", data=DATA, code=code_subpath,
+        pyfunc.add_to_model(mlflow_model, loader_module=FLAVOR_MODULE, data=DATA, code=code_subpath,
                             conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME, streamable=True,
                             model_config=dict.fromkeys(MODEL_CONFIG_KEYS))
         mlflow_model.add_flavor(FLAVOR_NAME, code=code_subpath, **conf)

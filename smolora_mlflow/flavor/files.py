@@ -1,8 +1,9 @@
-"""What the smolora flavor writes and checks on disk: weights, hashes, provenance, signature, card.
+"""What the smolora flavor writes on disk: weights, hashes, provenance, signature, card.
 
-Only safetensors weights are accepted (no pickle ever reaches a server), every file of the model's
-data folder is hashed at save time and verified at load time, and the generation defaults the
-signature advertises come from the model's own ``generation_config`` where it sets them.
+Only safetensors weights are accepted (no pickle ever reaches a server), a link leaving the source folder
+is refused, every file of the model's data folder and of its shipped code is hashed at save time (and
+checked at load time by the integrity gate, :mod:`smolora_mlflow.models.integrity`), and the generation
+defaults the signature advertises come from the model's own ``generation_config`` where it sets them.
 """
 
 from __future__ import annotations
@@ -18,10 +19,7 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_pip_requirements
-from mlflow.models.model import MLMODEL_FILE_NAME
-from mlflow.protos.databricks_pb2 import INVALID_STATE, RESOURCE_DOES_NOT_EXIST
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
@@ -38,9 +36,10 @@ from smolora_mlflow.config import DEMO_MODEL
 from smolora_mlflow.constants import FLAVOR_NAME
 from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor.inputs import OUTPUT_COLUMN, PARAM_TYPES, PROMPT_COLUMN, validate_params
-from smolora_mlflow.models import verified
+from smolora_mlflow.models.folder_checks import hash_tree, read_mlmodel, refuse_escaping_links, require_smolora
 from smolora_mlflow.models.generation import GENERATION_DEFAULTS
-from smolora_mlflow.models.hashing import file_sha256
+from smolora_mlflow.models.manifest import FORMAT_VERSION
+from smolora_mlflow.models.pretrained import local_base_dir
 from smolora_mlflow.models.verified import weights_sha256
 
 logger = logging.getLogger(__name__)
@@ -58,54 +57,11 @@ _SELF_DISTRIBUTIONS = {"smolora-mlflow", "smolora_mlflow"}
 
 
 def read_flavor_conf(model_root: str | Path) -> dict[str, Any]:
-    """The ``smolora`` block of a model's MLmodel file.
-
-    Parsed with libyaml when it is there: MLflow's ``Model.load`` uses the pure-Python parser, which
-    costs several milliseconds per load, and the pyfunc loader would otherwise parse the file twice.
-    """
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    path = Path(model_root) / MLMODEL_FILE_NAME
-    if not path.is_file():
-        raise MlflowException(f"`{model_root}` holds no {MLMODEL_FILE_NAME} file; it is not an MLflow model.",
-                              error_code=RESOURCE_DOES_NOT_EXIST)
-    with open(path, encoding="utf-8") as f:
-        document = yaml.load(f, Loader=loader)
-    flavors = document.get("flavors") if isinstance(document, dict) else None
-    flavors = flavors if isinstance(flavors, dict) else {}
-    if FLAVOR_NAME not in flavors:
-        raise MlflowException(
-            f"The model at `{model_root}` has no `{FLAVOR_NAME}` flavor (it has {sorted(flavors)}); load it "
-            "with the loader of one of those flavors.",
-            error_code=RESOURCE_DOES_NOT_EXIST,
-        )
-    return flavors[FLAVOR_NAME]
-
-
-def hash_files(data_dir: Path) -> dict[str, str]:
-    """sha256 of every file under ``data_dir``, keyed by its POSIX path relative to ``data_dir``."""
-    return {
-        p.relative_to(data_dir).as_posix(): file_sha256(p) for p in sorted(data_dir.rglob("*")) if p.is_file()
-    }
-
-
-def verify_files(data_dir: Path, expected: Mapping[str, str]) -> None:
-    """Raise ``MlflowException`` naming the first missing or modified file of the model."""
-    for rel, sha in expected.items():
-        path = data_dir / rel
-        if not path.is_file():
-            raise MlflowException(
-                f"Model file `{path}` is missing; the model artifact is incomplete. Re-download or "
-                "re-log the model.",
-                error_code=INVALID_STATE,
-            )
-        actual = verified.sha256(path)
-        if actual != sha:
-            raise MlflowException(
-                f"Model file `{path}` does not match the sha256 recorded when the model was saved "
-                f"(expected {sha}, found {actual}); it was truncated or modified. Refusing to load it. "
-                "Re-download or re-log the model.",
-                error_code=INVALID_STATE,
-            )
+    """The ``smolora`` block of a model folder's MLmodel, unchecked (loads check it through the gate)."""
+    root = Path(model_root)
+    mlmodel = read_mlmodel(root)
+    require_smolora(root, mlmodel, None)
+    return mlmodel["flavors"][FLAVOR_NAME]
 
 
 def _refuse_pickle(files: list[Path]) -> None:
@@ -122,6 +78,7 @@ def check_merged_dir(model_dir: str | Path) -> list[Path]:
     src = Path(model_dir)
     if not src.is_dir():
         raise invalid_input(f"`model_dir` `{src}` is not a directory.")
+    _refuse_links(src, "model_dir")
     files = [f for f in sorted(src.iterdir()) if f.is_file() and not f.name.startswith(".")]
     _refuse_pickle(files)
     if not any(f.suffix == ".safetensors" for f in files):
@@ -143,8 +100,18 @@ def copy_merged_model(model_dir: str | Path, dst: Path) -> None:
         shutil.copy2(f, dst / f.name)
 
 
+def _refuse_links(src: Path, argument: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        refuse_escaping_links(src, f"`{argument}`")
+    except MlflowException as e:
+        raise invalid_input(e.message) from None
+
+
 def check_adapter_dir(adapter_dir: str | Path) -> None:
     src = Path(adapter_dir)
+    _refuse_links(src, "adapter_dir")
     if (src / "adapter_model.bin").is_file() and not (src / "adapter_model.safetensors").is_file():
         _refuse_pickle([src / "adapter_model.bin"])
     missing = [name for name in ADAPTER_FILES if not (src / name).is_file()]
@@ -260,17 +227,6 @@ def write_model_data(path: Path, mode: str, model_dir, model, tokenizer, adapter
     return data_dir
 
 
-def local_base_dir(base_model: str | None) -> Path | None:
-    if not base_model:
-        return None
-    if base_model == DEMO_MODEL:
-        from smolora_mlflow.models.demo import demo_model_path
-
-        return demo_model_path()
-    p = Path(base_model).expanduser()
-    return p.resolve() if p.is_dir() else None
-
-
 def provenance(mode: str, data_dir: Path, base_model, revision, base_sha, lora_config, run_id) -> dict:
     adapter_cfg = read_json(data_dir / "adapter_config.json") if mode == "adapter" else {}
     base_model = base_model or adapter_cfg.get("base_model_name_or_path")
@@ -295,7 +251,7 @@ def provenance(mode: str, data_dir: Path, base_model, revision, base_sha, lora_c
         "mode": mode, "data": data_dir.name, "base_model": base_model, "base_model_revision": revision,
         "base_model_sha256": base_sha, "lora": dict(lora_config or lora_settings(adapter_cfg)) or None,
         "training_run_id": str(run_id) if run_id else None, "smolora_mlflow_version": __version__,
-        **versions, "file_sha256": hash_files(data_dir),
+        **versions, "file_sha256": hash_tree(data_dir), "format_version": FORMAT_VERSION,
     }
 
 
@@ -408,44 +364,3 @@ def model_card(conf: Mapping[str, Any], name: str) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def locate_base(conf: dict[str, Any], base_model_path: str | None) -> Path:
-    """The local folder of an adapter's base model: an override, the recorded path, or the hub cache."""
-    base = conf.get("base_model")
-    local = Path(base_model_path).expanduser() if base_model_path else local_base_dir(base)
-    if local is not None and local.is_dir():
-        return local
-    if base and not Path(base).is_absolute() and not base_model_path:
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(base, revision=conf.get("base_model_revision")))
-        except Exception as e:
-            raise MlflowException(
-                f"Cannot fetch base model `{base}` (revision {conf.get('base_model_revision')}) for this "
-                f"adapter: {e}. Make it available in the Hugging Face cache, or pass "
-                "`base_model_path=` (pyfunc: model_config={'base_model_path': ...}).",
-                error_code=INVALID_STATE,
-            ) from e
-    raise MlflowException(
-        f"Base model folder `{base_model_path or base}` of this adapter does not exist. Copy the base "
-        "model there, or pass `base_model_path=` (pyfunc: model_config={'base_model_path': ...}).",
-        error_code=INVALID_STATE,
-    )
-
-
-def check_base_hash(base_dir: Path, conf: dict[str, Any]) -> None:
-    expected = conf.get("base_model_sha256")
-    if not expected:
-        logger.warning("No base weights hash recorded for this adapter; %s is not verified.", base_dir)
-        return
-    actual = weights_sha256(base_dir)
-    if actual != expected:
-        raise MlflowException(
-            f"The base model weights at `{base_dir}` have sha256 {actual}, but this adapter was trained "
-            f"on `{conf.get('base_model')}` with weights sha256 {expected}. An adapter on other base "
-            "weights gives wrong outputs. Fix: point `base_model_path` to the exact base model the "
-            "adapter was trained on (same revision), or log the model in merged mode.",
-            error_code=INVALID_STATE,
-        )

@@ -1,23 +1,23 @@
 """Loading smolora models: ``_load_model`` (native objects), ``_load_pyfunc`` (MLflow's loader hook) and
-``load_model`` (any model URI).
+``load_model`` (any model URI). Each takes its folder from the integrity gate,
+:func:`smolora_mlflow.models.integrity.open_verified`, called once per load.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import os
 from pathlib import Path
 from typing import Any
 
 from mlflow.models.model import MLMODEL_FILE_NAME
-from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
+from smolora_mlflow.constants import ADAPTER_SET_MODE
 from smolora_mlflow.errors import invalid_input
-from smolora_mlflow.flavor import adapter_set, files
 from smolora_mlflow.flavor.batching import log_to_stderr_if_asked
 from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS, _SmoloraPyfuncWrapper
-from smolora_mlflow.models import manifest
 from smolora_mlflow.models.generation import resolve_device
+from smolora_mlflow.models.integrity import VerifiedModel, open_verified
 
 _logger = logging.getLogger(__name__)
 
@@ -39,10 +39,10 @@ def _torch_dtype(dtype: Any, device) -> Any:
 
 
 def _load_model(
-    model_root: Path, conf: dict[str, Any], *, device: str = "auto", dtype: Any = None, merge: bool = True,
+    vm: VerifiedModel, *, device: str = "auto", dtype: Any = None, merge: bool = True,
     base_model_path: str | None = None, hub_kernels: bool | None = None,
 ) -> tuple[Any, Any]:
-    """Verify the files, then load (model, tokenizer) with transformers (and peft for adapters).
+    """Load (model, tokenizer) of a folder the gate opened, with transformers (and peft for adapters).
 
     Hub kernels stay off unless the flavor block says the model was trained with them (``hub_kernels``)
     or ``hub_kernels`` asks here; :func:`load_causal_lm` is the one place that passes it to transformers.
@@ -51,33 +51,25 @@ def _load_model(
 
     from smolora_mlflow.models.pretrained import load_causal_lm
 
-    data_dir = model_root / conf["data"]
-    manifest.refuse_unlisted_files(data_dir, conf.get("file_sha256") or {})
+    conf = vm.conf
     dev = resolve_device(device)
     torch_dtype = _torch_dtype(dtype, dev)
     kernels = _hub_kernels(conf, hub_kernels)
-    if conf["mode"] == adapter_set.MODE:
+    if conf["mode"] == ADAPTER_SET_MODE:
         from smolora_mlflow.flavor import adapter_pool
 
-        return adapter_pool.load(model_root, conf, device=dev, torch_dtype=torch_dtype,
-                                 base_model_path=base_model_path, refresh_seconds=0, hub_kernels=kernels)[:2]
+        return adapter_pool.load(vm, device=dev, torch_dtype=torch_dtype, base_model_path=base_model_path,
+                                 refresh_seconds=0, hub_kernels=kernels)[:2]
     if conf["mode"] == "merged":
-        # Hash the files while transformers reads them (hashlib and safetensors both leave the GIL), and
-        # hand nothing back until the hashes match: a tampered file is parsed (safetensors and JSON run no
-        # code) but never used. Verifying first would cost a second pass over the weights.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="smolora-verify") as pool:
-            verified = pool.submit(files.verify_files, data_dir, conf.get("file_sha256") or {})
-            try:
-                model = load_causal_lm(data_dir, dtype=torch_dtype, hub_kernels=kernels)
-                tokenizer = AutoTokenizer.from_pretrained(data_dir)
-            finally:
-                verified.result()
+        # The gate deferred the file hashes: they are computed while transformers reads the files, and
+        # nothing is handed back until they match (see VerifiedModel.read_data).
+        model, tokenizer = vm.read_data(lambda d: (load_causal_lm(d, dtype=torch_dtype, hub_kernels=kernels),
+                                                   AutoTokenizer.from_pretrained(d)))
     else:
         from smolora_mlflow.models.adapters import apply_adapter
 
-        files.verify_files(data_dir, conf.get("file_sha256") or {})
-        base_dir = files.locate_base(conf, base_model_path)
-        files.check_base_hash(base_dir, conf)
+        data_dir = vm.data_dir  # the adapter's hashes, checked before the base is read
+        base_dir = vm.base_dir(base_model_path)
         base = load_causal_lm(base_dir, dtype=torch_dtype, hub_kernels=kernels)
         model = apply_adapter(base, data_dir, merge=merge)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -112,36 +104,34 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Smol
     unknown = set(cfg) - set(MODEL_CONFIG_KEYS)
     if unknown:
         raise invalid_input(f"Unknown model_config keys {sorted(unknown)}.")
-    root = _model_root(path)
-    conf = files.read_flavor_conf(root)
-    manifest.check_environment(conf)  # `smolora serve` looked up the digest of the URI it serves
-    manifest.check_logged_model(root, conf)
+    vm = open_verified(_model_root(path), defer_file_hashes=True)
     refresh = cfg.pop("refresh_seconds", None)
-    kernels = _hub_kernels(conf, cfg.pop("hub_kernels", None))
-    if conf["mode"] == adapter_set.MODE:  # several adapters on one base: see flavor/adapter_set.py
+    kernels = _hub_kernels(vm.conf, cfg.pop("hub_kernels", None))
+    if vm.conf["mode"] == ADAPTER_SET_MODE:  # several adapters on one base: see flavor/adapter_set.py
         from smolora_mlflow.flavor import adapter_pool
 
-        manifest.refuse_unlisted_files(root / conf["data"], conf.get("file_sha256") or {})
         dev = resolve_device(cfg.pop("device", "auto"))
         model, tokenizer, pool = adapter_pool.load(
-            root, conf, device=dev, torch_dtype=_torch_dtype(cfg.pop("dtype", None), dev),
+            vm, device=dev, torch_dtype=_torch_dtype(cfg.pop("dtype", None), dev),
             base_model_path=cfg.pop("base_model_path", None), refresh_seconds=refresh, hub_kernels=kernels)
-        wrapper = _SmoloraPyfuncWrapper(model, tokenizer, conf, adapters=pool, **cfg)
+        wrapper = _SmoloraPyfuncWrapper(model, tokenizer, vm.conf, adapters=pool, **cfg)
         pool.start()
         return wrapper
-    model, tokenizer = _load_model(root, conf, device=cfg.pop("device", "auto"), dtype=cfg.pop("dtype", None),
+    model, tokenizer = _load_model(vm, device=cfg.pop("device", "auto"), dtype=cfg.pop("dtype", None),
                                    base_model_path=cfg.pop("base_model_path", None), hub_kernels=kernels)
-    return _SmoloraPyfuncWrapper(model, tokenizer, conf, **cfg)
+    return _SmoloraPyfuncWrapper(model, tokenizer, vm.conf, **cfg)
 
 
 def load_model(
-    model_uri: str, dst_path: str | None = None, device: str = "auto", dtype: Any = None,
-    merge: bool = True, base_model_path: str | None = None, hub_kernels: bool | None = None,
+    model_uri: str | os.PathLike | VerifiedModel, dst_path: str | None = None, device: str = "auto",
+    dtype: Any = None, merge: bool = True, base_model_path: str | None = None, hub_kernels: bool | None = None,
 ) -> tuple[Any, Any]:
     """Load a smolora model as native ``(model, tokenizer)`` objects.
 
     Args:
-        model_uri: ``runs:/<id>/model``, ``models:/<name>@<alias>``, a local folder, ...
+        model_uri: ``runs:/<id>/model``, ``models:/<name>@<alias>``, a local folder, ..., or a
+            :class:`~smolora_mlflow.models.integrity.VerifiedModel` the gate already opened (not checked
+            again).
         dst_path: where to download the artifacts.
         device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``...
         dtype: ``None`` (the dtype it was saved in), a name or a torch.dtype.
@@ -154,9 +144,7 @@ def load_model(
     Example:
         >>> model, tokenizer = load_model("models:/reviews@production", device="cpu")
     """
-    expected = manifest.resolve(model_uri)  # models:/ and runs:/ pinned, with the digest on record
-    local = _download_artifact_from_uri(artifact_uri=expected.uri, output_path=dst_path)
-    conf = files.read_flavor_conf(local)
-    manifest.check(conf, expected)
-    return _load_model(Path(local), conf, device=device, dtype=dtype, merge=merge,
-                       base_model_path=base_model_path, hub_kernels=hub_kernels)
+    vm = model_uri if isinstance(model_uri, VerifiedModel) else open_verified(
+        model_uri, dst_path=dst_path, defer_file_hashes=True)
+    return _load_model(vm, device=device, dtype=dtype, merge=merge, base_model_path=base_model_path,
+                       hub_kernels=hub_kernels)

@@ -34,12 +34,11 @@ from smolora_mlflow.errors import invalid_input
 from smolora_mlflow.flavor import files
 from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS
 from smolora_mlflow.models import manifest, pretrained
+from smolora_mlflow.models.folder_checks import FLAVOR_MODULE, hash_tree
 
 _logger = logging.getLogger(__name__)
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
-# MLmodel files name the package as the loader module (its __init__ re-exports _load_pyfunc), never this file.
-_FLAVOR_MODULE = "smolora_mlflow.flavor"
 
 
 def get_default_pip_requirements(mode: str = "merged") -> list[str]:
@@ -149,7 +148,8 @@ def save_model(
         # The dtype the weights are saved in (merged) or the base's (adapter): what the loader loads by default.
         saved_dtype = pretrained.checkpoint_dtype(config_dir) if config_dir is not None else None
         conf.update(prompt_format=prompt_format, prompt_format_reason=why, generation_defaults=defaults,
-                    dtype=saved_dtype, hub_kernels=hub_kernels, max_new_tokens_limit=max_new_tokens_limit,
+                    dtype=saved_dtype, hub_kernels=hub_kernels, code_sha256=hash_tree(path / code_subpath),
+                    max_new_tokens_limit=max_new_tokens_limit,
                     max_prompt_tokens=max_prompt_tokens, context_length=files.context_length(config_dir))
         mlflow_model = mlflow_model or Model()
         _save_example(mlflow_model, files.default_input_example(defaults) if input_example is None
@@ -159,7 +159,7 @@ def save_model(
             mlflow_model.metadata = metadata
         card = model_card or files.model_card(conf, Path(conf["base_model"] or path.name).name + " (smolora)")
         (path / ARTIFACT_MODEL_CARD).write_text(card, encoding="utf-8")
-        pyfunc.add_to_model(mlflow_model, loader_module=_FLAVOR_MODULE, data=conf["data"], code=code_subpath,
+        pyfunc.add_to_model(mlflow_model, loader_module=FLAVOR_MODULE, data=conf["data"], code=code_subpath,
                             conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME, streamable=True,
                             model_config=dict.fromkeys(MODEL_CONFIG_KEYS))
         mlflow_model.add_flavor(FLAVOR_NAME, code=code_subpath, **conf)
@@ -216,7 +216,7 @@ def log_model(
     if kwargs.get("run_id") and "model_id" not in kwargs:
         kwargs["model_id"] = _logged_model_in_runs_experiment(name, kwargs["run_id"], kwargs)
     info = Model.log(
-        artifact_path=None, name=name, flavor=sys.modules[_FLAVOR_MODULE], flavor_name=FLAVOR_NAME,
+        artifact_path=None, name=name, flavor=sys.modules[FLAVOR_MODULE], flavor_name=FLAVOR_NAME,
         registered_model_name=registered_model_name, await_registration_for=await_registration_for,
         metadata=metadata, model_dir=model_dir, model=model, tokenizer=tokenizer, mode=mode,
         adapter_dir=adapter_dir, base_model=base_model, base_model_revision=base_model_revision,

@@ -10,9 +10,15 @@ and registry stores, which the artifact store's writer cannot reach:
 - each registered model version: tag ``smolora.manifest_sha256``.
 
 Loading by ``models:/`` or ``runs:/`` URI compares the downloaded manifest against that digest and
-refuses a mismatch, naming the version or run (see :func:`resolve` and :func:`check`). A model logged
-before the digest existed has no tag: it loads with a warning. Which load paths check what is listed
-in the README (Reliability).
+refuses a mismatch, naming the version or run (:func:`resolve` and :func:`check`, called by the integrity
+gate, :mod:`smolora_mlflow.models.integrity`). A model logged before the digest existed has no tag: it
+loads with a warning.
+
+Since format 2 (:data:`FORMAT_VERSION`) the digest covers the whole ``smolora`` block (file hashes, the
+hashes of the shipped ``code`` folder, generation settings, adapter references) and the whole
+``python_function`` block (loader module, code path, data, env), so whatever decides which code a load
+runs is covered. Models of format 1 (no ``format_version`` key) keep the digest over the four keys it
+always covered.
 """
 
 from __future__ import annotations
@@ -20,9 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from mlflow.exceptions import MlflowException
@@ -31,9 +35,8 @@ from mlflow.protos.databricks_pb2 import INVALID_STATE
 logger = logging.getLogger(__name__)
 
 TAG = "smolora.manifest_sha256"
-ENV_DIGEST = "SMOLORA_MANIFEST_SHA256"  # set by `smolora serve` for the server process
-ENV_SOURCE = "SMOLORA_MANIFEST_SOURCE"  # what recorded that digest, for the error message
-_FIELDS = ("mode", "data", "file_sha256", "base_model_sha256")
+FORMAT_VERSION = 2  # `format_version` written by save_model; absent means 1 (no code hashes)
+_FORMAT_1_FIELDS = ("mode", "data", "file_sha256", "base_model_sha256")
 
 
 def run_tag(name: str) -> str:
@@ -41,30 +44,21 @@ def run_tag(name: str) -> str:
     return f"{TAG}.{name.strip('/')}"
 
 
-def digest(conf: Mapping[str, Any]) -> str:
-    """sha256 of the manifest: the data folder, the mode, every file's sha256 and the base weights' sha256."""
-    body = {k: conf.get(k) for k in _FIELDS}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def format_version(conf: Mapping[str, Any]) -> int:
+    """The smolora block's format: 1 when it declares none (models saved before formats were numbered)."""
+    value = conf.get("format_version")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 1
 
 
-def refuse_unlisted_files(data_dir: Path, expected: Mapping[str, str]) -> None:
-    """Refuse a data folder holding files the manifest does not list (e.g. an added tokenizer file).
-
-    ``from_pretrained`` reads whatever it finds (``added_tokens.json``, ``special_tokens_map.json``,
-    ...), so a file dropped in beside the verified ones changes what loads. A model saved without a
-    manifest (no ``file_sha256``) is not checked here.
-    """
-    if not expected:
-        return
-    unlisted = sorted(p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*")
-                      if p.is_file() and p.relative_to(data_dir).as_posix() not in expected)
-    if unlisted:
-        raise MlflowException(
-            f"Model folder `{data_dir}` holds files its manifest (MLmodel `file_sha256`) does not list: "
-            f"{unlisted}. They were added after the model was saved and would change what loads. "
-            "Refusing to load it: remove them, or re-download or re-log the model.",
-            error_code=INVALID_STATE,
-        )
+def digest(flavors: Mapping[str, Any]) -> str:
+    """sha256 of the manifest in an MLmodel's ``flavors`` (see the module docstring for what it covers)."""
+    conf = flavors.get("smolora") or {}
+    if format_version(conf) >= 2:
+        body: dict[str, Any] = {"smolora": conf, "python_function": flavors.get("python_function")}
+    else:
+        body = {k: conf.get(k) for k in _FORMAT_1_FIELDS}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,11 +69,10 @@ def record(info: Any, registered_model_name: str | None = None, client: Any = No
     """Store the digest of a just-logged model on its run, its LoggedModel and its registered version."""
     import mlflow
 
-    conf = (info.flavors or {}).get("smolora")
-    if not conf:
+    if not (info.flavors or {}).get("smolora"):
         return None
     client = client or mlflow.MlflowClient()
-    value = digest(conf)
+    value = digest(info.flavors)
     if info.run_id:
         client.set_tag(info.run_id, run_tag(info.name or info.artifact_path or "model"), value)
     if getattr(info, "model_id", None):
@@ -106,36 +99,6 @@ def for_registration(client: Any, run: Any, model_id: str | None, name: str | No
 
 # ----------------------------------------------------------------------------------------------------
 # checking
-
-
-def read_mlmodel(model_root: str | Path) -> dict[str, Any]:
-    """The parsed MLmodel file of a local model folder ({} when it holds none)."""
-    import yaml
-
-    path = Path(model_root) / "MLmodel"
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        document = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    return document if isinstance(document, dict) else {}
-
-
-def download_checked(uri: str, dst_path: str | None = None) -> str:
-    """Download a model URI (pinned by :func:`resolve`) and check a smolora manifest against the record."""
-    return fetch_checked(uri, dst_path)[0]
-
-
-def fetch_checked(uri: str, dst_path: str | None = None) -> tuple[str, dict[str, Any] | None, Expected]:
-    """:func:`download_checked`, also returning the ``smolora`` flavor block (None for another flavor) and
-    what was expected of it."""
-    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-
-    expected = resolve(uri)
-    local = _download_artifact_from_uri(artifact_uri=expected.uri, output_path=dst_path)
-    conf = (read_mlmodel(local).get("flavors") or {}).get("smolora")
-    if conf:
-        check(conf, expected)
-    return local, conf, expected
 
 
 class Expected(NamedTuple):
@@ -173,7 +136,7 @@ def resolve(uri: str, client: Any = None) -> Expected:
     return Expected(f"models:/{name}/{version}", value, f"registered model '{name}' version {version}")
 
 
-def check(conf: Mapping[str, Any], expected: Expected) -> None:
+def check(flavors: Mapping[str, Any], expected: Expected) -> None:
     """Refuse a manifest whose digest is not the one on record; warn when none is on record."""
     if expected.source is None:
         return
@@ -182,7 +145,7 @@ def check(conf: Mapping[str, Any], expected: Expected) -> None:
                        "kept one): its file hashes are checked, but only against its own MLmodel.",
                        expected.source, TAG)
         return
-    actual = digest(conf)
+    actual = digest(flavors)
     if actual != expected.digest:
         raise MlflowException(
             f"The manifest (MLmodel file hashes) of {expected.source} has digest {actual}, but {expected.source} "
@@ -190,35 +153,3 @@ def check(conf: Mapping[str, Any], expected: Expected) -> None:
             "artifact store. Refusing to load it. Re-log the model from its training run.",
             error_code=INVALID_STATE,
         )
-
-
-def check_environment(conf: Mapping[str, Any]) -> None:
-    """In a server started by ``smolora serve``: compare against the digest the launcher looked up."""
-    value = os.environ.get(ENV_DIGEST)
-    if value:
-        check(conf, Expected("", value, os.environ.get(ENV_SOURCE) or "the served model"))
-
-
-def check_logged_model(model_root: Path, conf: Mapping[str, Any]) -> None:
-    """``mlflow.pyfunc.load_model``'s path: the flavor sees only a local folder, so it follows the
-    MLmodel's ``model_id`` to the LoggedModel's tag, when a tracking URI is set and has that model.
-
-    Best effort: an MLmodel whose ``model_id`` was removed, or a store that does not know it, is not
-    compared (``smolora_mlflow.flavor.load_model`` and ``smolora serve`` check the URI strictly).
-    """
-    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-
-    if os.environ.get(ENV_DIGEST) or not is_tracking_uri_set():
-        return
-    model_id = read_mlmodel(model_root).get("model_id")
-    if not model_id:
-        return
-    import mlflow
-
-    try:
-        value = mlflow.MlflowClient().get_logged_model(model_id).tags.get(TAG)
-    except Exception as e:  # another store, or none reachable: nothing on record to compare with
-        logger.debug("no LoggedModel %s to compare the manifest with: %s", model_id, e)
-        return
-    if value:
-        check(conf, Expected("", value, f"logged model {model_id}"))

@@ -62,10 +62,43 @@ def quiet_upstream_deprecations() -> Iterator[None]:
         yield
 
 
+def local_base_dir(base_model: str | None) -> Path | None:
+    if not base_model:
+        return None
+    if base_model == DEMO_MODEL:
+        from smolora_mlflow.models.demo import demo_model_path
+
+        return demo_model_path()
+    p = Path(base_model).expanduser()
+    return p.resolve() if p.is_dir() else None
 
 
+def locate_base(conf: dict[str, Any], base_model_path: str | None) -> Path:
+    """The local folder of an adapter's base model: an override, the recorded path, or the hub cache."""
+    base = conf.get("base_model")
+    local = Path(base_model_path).expanduser() if base_model_path else local_base_dir(base)
+    if local is not None and local.is_dir():
+        return local
+    if base and not Path(base).is_absolute() and not base_model_path:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(base, revision=conf.get("base_model_revision")))
+        except Exception as e:
+            raise _unavailable(
+                f"Cannot fetch base model `{base}` (revision {conf.get('base_model_revision')}) for this "
+                f"adapter: {e}. Make it available in the Hugging Face cache, or pass "
+                "`base_model_path=` (pyfunc: model_config={'base_model_path': ...}).") from e
+    raise _unavailable(
+        f"Base model folder `{base_model_path or base}` of this adapter does not exist. Copy the base "
+        "model there, or pass `base_model_path=` (pyfunc: model_config={'base_model_path': ...}).")
 
 
+def _unavailable(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_STATE
+
+    return MlflowException(message, error_code=INVALID_STATE)
 
 
 def resolve_model_path(name: str) -> str:

@@ -14,7 +14,7 @@ from smolora_mlflow.constants import (
     PROMOTION_TAG_PREFIX,
 )
 from smolora_mlflow.errors import invalid_input
-from smolora_mlflow.models import manifest
+from smolora_mlflow.models import integrity
 from smolora_mlflow.registry import core
 from smolora_mlflow.registry import semver as semvers
 from smolora_mlflow.registry.core import KEY_METRICS, STAGE_ALIASES
@@ -87,11 +87,15 @@ def resolve(name: str, stage_or_alias: int | str = "production", *,
 def load(name: str, stage_or_alias: int | str = "production") -> mlflow.pyfunc.PyFuncModel:
     """Load a registered version as a pyfunc model; see :func:`resolve` for ``stage_or_alias``.
 
+    A smolora model passes the integrity gate (:mod:`smolora_mlflow.models.integrity`) before MLflow's
+    loader sees it; a model of another flavor is loaded as ``mlflow.pyfunc.load_model`` would.
+
     Example:
         >>> load("reviews-lora", "champion").predict({"prompt": ["Great phone"]})  # doctest: +SKIP
     """
-    local = manifest.download_checked(f"models:/{name}/{resolve(name, stage_or_alias).version}")
-    return mlflow.pyfunc.load_model(local)
+    vm = integrity.open_verified(f"models:/{name}/{resolve(name, stage_or_alias).version}", other_flavors=True)
+    with integrity.handed_to_loader(vm):  # the flavor's loader takes this folder as checked, not again
+        return mlflow.pyfunc.load_model(str(vm.root))
 
 
 def versions(name: str, *, client: MlflowClient | None = None) -> pd.DataFrame:

@@ -2,11 +2,15 @@
 
 What ``smolora serve`` runs. Like ``mlflow models serve --env-manager local`` it downloads the model
 and starts uvicorn in this Python, but on :mod:`smolora_mlflow.serving.app` (MLflow's app behind the
-request guard), and for ``models:/`` and ``runs:/`` URIs it first pins the version and compares the
-model's manifest with the digest recorded on the version (or run): a mismatch exits with status 1
-naming the version, before anything loads. The server process gets the digest too
-(``SMOLORA_MANIFEST_SHA256``) and checks the files again as it loads them. An API key
-(``SMOLORA_SERVE_API_KEY``) is passed on in the environment only, never on a command line.
+request guard), and first it opens the model through the integrity gate
+(:func:`smolora_mlflow.models.integrity.open_verified`): ``models:/`` and ``runs:/`` URIs are pinned and
+the manifest compared with the digest on record, the MLmodel's ``python_function`` loader must be this
+package's flavor, links may not leave the folder, every file is hashed. A refusal exits with status 1
+naming the version, file or MLmodel key, before anything loads. Only smolora models are served.
+
+The server process gets the digest (``SMOLORA_MANIFEST_SHA256``), so its loader checks the files again
+against it, and ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, so no pickle is ever unpickled in it. An API
+key (``SMOLORA_SERVE_API_KEY``) is passed on in the environment only, never on a command line.
 """
 
 from __future__ import annotations
@@ -45,20 +49,21 @@ def served_name(model_uri: str) -> str:
 
 def server_environment(model_uri: str, timeout: int | None = None) -> dict[str, str]:
     """Download and check the model; the environment of the uvicorn process that serves it."""
-    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+    from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
     from mlflow.pyfunc import scoring_server
 
-    from smolora_mlflow.models import manifest
+    from smolora_mlflow.models import integrity
 
-    local, conf, expected = manifest.fetch_checked(model_uri)
-    local = os.path.abspath(local)
+    vm = integrity.open_verified(model_uri)
     env = dict(os.environ)
-    env[scoring_server._SERVER_MODEL_PATH] = local
+    env[scoring_server._SERVER_MODEL_PATH] = str(vm.root)
     env[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(timeout or MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
     env[ENV_SERVED_MODEL_NAME] = served_name(model_uri)
-    env.pop(manifest.ENV_DIGEST, None)
-    if conf and expected.digest:
-        env[manifest.ENV_DIGEST], env[manifest.ENV_SOURCE] = expected.digest, str(expected.source)
+    env[MLFLOW_ALLOW_PICKLE_DESERIALIZATION.name] = "false"  # no loader in the server may unpickle anything
+    env.pop(integrity.ENV_DIGEST, None)
+    env.pop(integrity.ENV_SOURCE, None)
+    if vm.expected.digest:
+        env[integrity.ENV_DIGEST], env[integrity.ENV_SOURCE] = vm.expected.digest, str(vm.expected.source)
     return env
 
 
