@@ -14,6 +14,12 @@ adapter mode to a temporary SQLite registry and combined into adapter sets. Medi
 - memory: RSS of a server holding an 8-adapter set vs a 1-adapter set (target <= 1.1x plus the
   adapters' bytes)
 - clients: 8 concurrent ``openai`` clients vs the same 8 requests one after another (target >= 3x)
+- streams: 8 concurrent ``/stream`` requests' total time vs one stream alone (target <= 1.5x); the 8th
+  stream's time to first piece vs the 1st's (target <= 2x); a short (4-token) ``/invocations`` sent while
+  the 8 streams run vs the same request alone (target <= 2x)
+- cb: the decode loop the scheduler runs (``models.row_batch.RowBatch``) and transformers'
+  ``generate_batch`` (continuous batching, paged cache) vs one static batched ``generate``, in-process:
+  the measurement behind the scheduler's choice on this device
 """
 
 from __future__ import annotations
@@ -216,6 +222,7 @@ def bench_stream_and_clients(merged: Path, workdir: Path, reps: int, max_new: in
         t_seq, t_conc = _median(sequential, reps), _median(concurrent, reps)
         print(f"clients: 8 concurrent openai clients {t_conc * 1000:.0f} ms vs 8 sequential {t_seq * 1000:.0f} ms -> "
               f"{t_seq / t_conc:.2f}x (target >= 3x)", flush=True)
+        bench_streams(url, reps, max(max_new, 64))
         metrics = requests.get(f"{url}/metrics", timeout=10).text
         sizes = [line for line in metrics.splitlines() if line.startswith(("smolora_batch_size_sum",
                                                                            "smolora_batch_size_count"))]
@@ -224,13 +231,106 @@ def bench_stream_and_clients(merged: Path, workdir: Path, reps: int, max_new: in
         _stop(proc)
 
 
+def _stream_times(url: str, prompt: str, max_new: int, go: threading.Event | None = None) -> tuple[float, float]:
+    """(time to the first piece, total time) of one ``/stream``, from when ``go`` is set."""
+    import requests
+
+    if go is not None:
+        go.wait()
+    t0, first = time.perf_counter(), None
+    with requests.post(f"{url}/stream", json={"prompt": prompt, "params": {"max_new_tokens": max_new}},
+                       stream=True, timeout=600) as r:
+        for line in r.iter_lines(chunk_size=1):
+            if line.startswith(b"data: ") and first is None:
+                first = time.perf_counter() - t0
+    return first or 0.0, time.perf_counter() - t0
+
+
+def _short(url: str) -> float:
+    import requests
+
+    t0 = time.perf_counter()
+    requests.post(f"{url}/invocations", json={"inputs": {"prompt": [PROMPTS[3]]}, "params": {"max_new_tokens": 4}},
+                  timeout=600).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def bench_streams(url: str, reps: int, max_new: int) -> None:
+    """8 concurrent streams vs one; the 8th's first piece vs the 1st's; a short request during them vs alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = statistics.median(_stream_times(url, PROMPTS[0], max_new)[1] for _ in range(reps))
+    totals, firsts = [], []
+    for _ in range(reps):
+        go = threading.Event()
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(_stream_times, url, PROMPTS[i % len(PROMPTS)], max_new, go) for i in range(8)]
+            t0 = time.perf_counter()
+            go.set()
+            results = [f.result() for f in futures]
+        totals.append(time.perf_counter() - t0)
+        order = sorted(r[0] for r in results)
+        firsts.append((order[0], order[-1]))
+    total = statistics.median(totals)
+    first1, first8 = statistics.median(f[0] for f in firsts), statistics.median(f[1] for f in firsts)
+    print(f"streams: 8 concurrent streams of {max_new} tokens {total * 1000:.0f} ms vs one alone {alone * 1000:.0f} ms "
+          f"-> {total / alone:.2f}x (target <= 1.5x)", flush=True)
+    print(f"streams: first piece of the 8th stream {first8 * 1000:.1f} ms vs the 1st's {first1 * 1000:.1f} ms -> "
+          f"{first8 / max(first1, 1e-9):.2f}x (target <= 2x)", flush=True)
+    solo = statistics.median(_short(url) for _ in range(max(reps, 5)))
+    during = []
+    for _ in range(reps):
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(_stream_times, url, PROMPTS[i % len(PROMPTS)], max_new * 4) for i in range(8)]
+            time.sleep(0.15)  # the streams are running
+            during.append(_short(url))
+            [f.result() for f in futures]
+    short = statistics.median(during)
+    print(f"streams: a 4-token /invocations during 8 streams {short * 1000:.1f} ms vs alone {solo * 1000:.1f} ms -> "
+          f"{short / solo:.2f}x (target <= 2x)", flush=True)
+
+
+def bench_cb(base: Path, max_new: int) -> None:
+    """The scheduler's decode loop and transformers' continuous batching against one static generate call."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from smolora_mlflow.models.generation import generate, resolve_params
+    from smolora_mlflow.models.row_batch import Row, RowBatch, eos_ids
+
+    model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+    prompts = PROMPTS[:8]
+    params = resolve_params({"max_new_tokens": max_new})
+    ids = [tok(p)["input_ids"] for p in prompts]
+
+    def rows() -> None:
+        batch = RowBatch(model, tok.pad_token_id)
+        batch.add([Row(i, params, eos_ids(model, tok)) for i in ids])
+        while batch.rows:
+            batch.step()
+            batch.keep([r.finish is None for r in batch.rows])
+
+    t_static = _median(lambda: generate(model, tok, prompts, batch_size=8, **params), 2)
+    t_rows = _median(rows, 2)
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    try:
+        t0 = time.perf_counter()
+        model.generate_batch(inputs=ids, generation_config=config, progress_bar=False)
+        t_cb = time.perf_counter() - t0
+        cb = f"generate_batch {t_cb * 1000:.0f} ms ({t_cb / t_static:.1f}x)"
+    except Exception as e:  # report, do not hide: the comparison is the point
+        cb = f"generate_batch failed: {type(e).__name__}: {e}"[:300]
+    print(f"cb: 8 prompts x {max_new} tokens: static generate {t_static * 1000:.0f} ms; scheduler's decode loop "
+          f"{t_rows * 1000:.0f} ms ({t_rows / t_static:.2f}x); {cb}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", nargs="?")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=8)
-    ap.add_argument("--only", default="ttft,mixed,memory,clients")
+    ap.add_argument("--only", default="ttft,mixed,memory,clients,streams,cb")
     ap.add_argument("--threads", type=int, default=1, help="torch threads here and in the servers")
     ap.add_argument("--build-llama", action="store_true")
     args = ap.parse_args(argv)
@@ -253,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                      .parameters())
         print(f"model: {base} ({params / 1e6:.2f}M params)  reps: {args.reps}  max_new_tokens: "
               f"{args.max_new_tokens}  threads: {args.threads}", flush=True)
-        if parts & {"ttft", "clients"}:
+        if "cb" in parts:
+            bench_cb(base, args.max_new_tokens)
+        if parts & {"ttft", "clients", "streams"}:
             flavor.save_model(root / "merged", base, pip_requirements=PIP[:3])
             bench_stream_and_clients(root / "merged", root, args.reps, args.max_new_tokens)
         if parts & {"mixed", "memory"}:

@@ -73,6 +73,7 @@ RUN_ID_FILE = "mlflow_run_id.txt"
 
 # Prompts: which format a run trained with, and the chat template it used.
 TAG_PROMPT_FORMAT = "smolora.prompt_format"  # chat | plain
+TAG_PROMPT_FORMAT_REASON = "smolora.prompt_format_reason"  # why `auto` chose it (tokenizer, generation config, name)
 TAG_CHAT_TEMPLATE_SHA256 = "smolora.chat_template_sha256"
 TAG_TOKENIZER_SHA256 = "smolora.tokenizer_sha256"  # of the tokenizer's vocabulary and rules (semver MAJOR)
 ARTIFACT_CHAT_TEMPLATE = "prompt/chat_template.jinja"

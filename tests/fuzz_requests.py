@@ -149,7 +149,8 @@ def valid_body(rng: random.Random, path: str) -> dict:
     """A request the route must answer with a 200 (1-2 new tokens)."""
     tokens, prompt = rng.choice([1, 2]), rng.choice(VALID_PROMPTS)
     sampling = rng.choice([{}, {"temperature": 0}, {"temperature": 0.7, "top_p": 0.9, "seed": 3}])
-    chat = [*rng.choice([[], [{"role": "system", "content": "Be brief."}]]), {"role": "user", "content": prompt}]
+    # The served demo is plain-format: a lone user message is valid, a conversation with a system turn a 400.
+    chat = [{"role": "user", "content": prompt}]
     if path == "/v1/completions":
         return {"model": "m", "prompt": prompt, "max_tokens": tokens, "stream": rng.random() < 0.3,
                 "echo": rng.random() < 0.2, **sampling}

@@ -124,6 +124,31 @@ def test_each_request_gets_its_adapter_and_different_adapters_share_one_generate
     assert "".join(pieces) == want["a2"][0]
 
 
+def test_streams_for_different_adapters_share_one_running_batch(registry):
+    """Each stream reads its own adapter's tokens, generated in the same forwards as the others'."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model("models:/bots/1", model_config={"coalesce_window_ms": 300,
+                                                                      "refresh_seconds": 0})
+    wrapper = model._model_impl
+    want = {f"a{i}": _native(f"models:/a{i}/1", PROMPTS[:1], max_new_tokens=10)[0] for i in range(3)}
+    got, barrier = {}, threading.Barrier(3)
+
+    def read(name: str) -> None:
+        barrier.wait()
+        stream = wrapper.open_stream(PROMPTS[0], {"max_new_tokens": 10}, adapter=name)
+        got[name] = ("".join(stream), stream.result.token_ids)
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert {n: text for n, (text, _) in got.items()} == want
+    assert all(len(ids) == 10 for _, ids in got.values())
+    assert wrapper.stats.batches == 1 and wrapper.stats.largest_batch == 3  # admitted together, one batch
+
+
 def test_moving_an_alias_is_picked_up_without_reloading(registry):
     import mlflow
 

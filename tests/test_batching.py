@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from smolora_mlflow.flavor.batching import SCORING_SERVER_ENV, RequestBatcher, widen_scoring_server_pool
+from smolora_mlflow.flavor.batching import RequestBatcher
 
 
 def _recording_batcher(**kwargs) -> tuple[RequestBatcher, list[list[str]]]:
@@ -81,25 +80,7 @@ def test_errors_reach_every_member_of_the_batch():
     assert errors == ["bad batch of 2", "bad batch of 2"]
 
 
-def test_widening_lets_more_requests_into_predict_at_once(monkeypatch):
-    monkeypatch.setenv(SCORING_SERVER_ENV, "/models/m")
-    pool = ThreadPoolExecutor(max_workers=2)  # what asyncio.to_thread gives on a small machine
-    try:
-        assert pool.submit(widen_scoring_server_pool, 8).result(timeout=30) is True
-        # Eight tasks that can only finish together: they need eight threads.
-        barrier = threading.Barrier(8, timeout=30)
-        assert all(f.result(timeout=60) is not None for f in [pool.submit(barrier.wait) for _ in range(8)])
-    finally:
-        pool.shutdown()
-
-
-def test_widening_does_nothing_outside_the_scoring_server(monkeypatch):
-    monkeypatch.delenv(SCORING_SERVER_ENV, raising=False)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        assert pool.submit(widen_scoring_server_pool, 8).result(timeout=30) is False
-        assert pool._max_workers == 2
-    monkeypatch.setenv(SCORING_SERVER_ENV, "/models/m")
-    assert widen_scoring_server_pool(8) is False  # not called from a pool worker
+def test_a_negative_window_is_refused():
     with pytest.raises(ValueError, match="window_s"):
         RequestBatcher(lambda p, k: p, window_s=-1)
 

@@ -97,8 +97,10 @@ def test_input_forms(loaded, tiny_llama_dir):
     impl = loaded._model_impl  # the wrapper itself also takes bare strings and lists
     assert impl.predict(PROMPTS, params=one)["generated_text"].tolist() == ref
     assert impl.predict(PROMPTS[0], params=one)["generated_text"].tolist() == ref[:1]
+    # A plain-format model reads a lone user message as the plain prompt it was trained on, not chat-rendered.
+    assert impl.prompt_format == "plain"
     msgs = [{"role": "user", "content": "The food was"}]
-    chat_ref = impl.predict("<|user|>The food was</s><|assistant|>", params=one)["generated_text"].tolist()
+    chat_ref = impl.predict("The food was", params=one)["generated_text"].tolist()
     assert impl.predict(msgs, params=one)["generated_text"].tolist() == chat_ref
     assert impl.predict([msgs, msgs], params=one)["generated_text"].tolist() == chat_ref * 2
     framed = loaded.predict(pd.DataFrame({"prompt": [msgs, "Great"]}), params=one)
@@ -373,8 +375,9 @@ def test_wrapper_level_validation(loaded, tmp_path, demo_model_dir):
     shutil.copytree(demo_model_dir, src)
     (src / "chat_template.jinja").unlink()
     plain = mlflow.pyfunc.load_model(str(_save(tmp_path / "p", src, max_prompt_tokens=4)))
-    with pytest.raises(MlflowException, match="no chat template"):
-        plain.predict(pd.DataFrame({"prompt": [[{"role": "user", "content": "hi"}]]}))
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    with pytest.raises(MlflowException, match=r"trained on plain prompts \(prompt_format: plain\), not chat turns"):
+        plain.predict(pd.DataFrame({"prompt": [conversation]}))
     with pytest.raises(MlflowException, match="more than this model's max_prompt_tokens"):
         plain.predict({"prompt": ["one two three four five six"]})
 
@@ -390,14 +393,16 @@ def test_unencodable_prompts_and_template_refusals_are_400_not_500(loaded):
         with pytest.raises(MlflowException, match=r"lone surrogate \(U\+D[8-F][0-9A-F]{2}\)") as e:
             impl.predict(model_input)
         assert e.value.get_http_status_code() == 400
-    template = impl.tokenizer.chat_template
+    template, fmt = impl.tokenizer.chat_template, impl.prompt_format
+    # A plain-format model reads a lone user message as plain text: the template speaks only for a chat model.
     impl.tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    impl.prompt_format = "chat"
     try:
         with pytest.raises(MlflowException, match="roles must alternate") as e:
             impl.predict([{"role": "user", "content": "hi"}])
         assert e.value.get_http_status_code() == 400
     finally:
-        impl.tokenizer.chat_template = template
+        impl.tokenizer.chat_template, impl.prompt_format = template, fmt
 
 
 # ----------------------------------------------------------------------------------------------------

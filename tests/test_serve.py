@@ -112,7 +112,9 @@ def test_unified_llm_payload_and_full_text(server, expected):
 def test_chat_messages_in_a_prompt_cell(server, expected):
     messages = [{"role": "user", "content": "The food was"}]
     response = _post(server, {"dataframe_records": [{"prompt": messages}], "params": PARAMS})
-    assert _texts(response) == expected(["<|user|>The food was</s><|assistant|>"], **PARAMS)
+    # The demo model is saved plain (its chat template ends turns with the generic eos_token): a lone user
+    # message is the plain prompt it was trained on.
+    assert _texts(response) == expected(["The food was"], **PARAMS)
 
 
 def test_unknown_params_are_dropped_by_mlflow_not_a_500(server, expected):
@@ -157,11 +159,8 @@ def test_concurrent_clients_get_their_own_answers(served, server, expected):
     with ThreadPoolExecutor(max_workers=8) as pool:
         got = list(pool.map(ask, prompts))
     assert got == [[w] for w in want]
-    # The server's own log (SMOLORA_LOG_LEVEL=DEBUG): its request pool was widened past MLflow's 6
-    # threads on a 2-core machine, and requests shared generate calls.
+    # The server's own log (SMOLORA_LOG_LEVEL=DEBUG): requests were admitted to the running batch together.
     log = served.log.read_text()
-    widened = [int(n) for n in re.findall(r"up to (\d+) requests may now wait for a shared batch", log)]
-    assert widened and widened[0] >= 32, widened
     shared = [int(n) for n in re.findall(r"generate: \d+ prompt\(s\) from (\d+) request", log)]
     assert max(shared) >= 2, shared
 

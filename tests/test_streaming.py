@@ -38,13 +38,14 @@ def model_path(tmp_path_factory, demo_model_dir) -> Path:
 def expected(demo_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smolora_mlflow.models.generation import format_chat, generate
+    from smolora_mlflow.models.generation import generate
 
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir)
     tok = AutoTokenizer.from_pretrained(demo_model_dir)
 
     def run(prompt, **params):
-        text = format_chat(tok, prompt) if isinstance(prompt, list) else prompt
+        # The served model is plain-format: a lone user message reaches it as the plain prompt.
+        text = prompt[0]["content"] if isinstance(prompt, list) else prompt
         return generate(model, tok, [text], **{"max_new_tokens": 8, **params})[0]
 
     return run
@@ -244,4 +245,4 @@ def test_metrics_are_prometheus_text_and_mlflow_endpoints_unchanged(server):
         assert f"# TYPE {family} {kind}" in text
     assert _metric(server.url, "smolora_requests_total", adapter="default") >= 1
     assert _metric(server.url, "smolora_http_responses_total", path="/ping", status="200") >= 1
-    assert re.search(r'^smolora_batch_size_bucket\{le="\+Inf"\} \d+$', text, re.MULTILINE)
+    assert re.search(r'^smolora_batch_size_bucket\{le="\+Inf"\} [\d.]+$', text, re.MULTILINE)

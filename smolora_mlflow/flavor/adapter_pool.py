@@ -12,6 +12,7 @@ import re
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,10 @@ class AdapterPool:
         self.prompt_format = prompt_format
         self.refresh_seconds = float(refresh_seconds)
         self.lock = threading.Lock()
+        # The adapters rows are being generated with (the wrapper sets it to its scheduler's): one swapped
+        # away while in use is deleted by `collect` once its last row has left.
+        self.in_use: Callable[[], set[str]] = set
+        self.retired: list[str] = []
         self.loaded: dict[str, _Loaded] = {}
         self._serial = 0
         self._stop = threading.Event()
@@ -95,11 +100,18 @@ class AdapterPool:
             old = self.loaded.get(name)
             self.loaded[name] = _Loaded(resolved.uri, internal, _adapter_bytes(self.model, internal))
             if old is not None:
-                if old.internal in self.model.active_adapters:  # requests always name theirs; keep PEFT quiet
-                    self.model.set_adapter(internal)
-                self.model.delete_adapter(old.internal)
+                self.retired.append(old.internal)
+                self.collect(self.in_use())
         if old is not None:
             logger.info("Adapter `%s` now serves %s (was %s).", name, resolved.uri, old.uri)
+
+    def collect(self, in_use: set[str]) -> None:
+        """Delete the swapped-away adapters no row uses any more; call holding ``lock``."""
+        for internal in [r for r in self.retired if r not in in_use]:
+            if internal in self.model.active_adapters:  # requests always name theirs; keep PEFT quiet
+                self.model.set_adapter(next(e.internal for e in self.loaded.values()))
+            self.model.delete_adapter(internal)
+            self.retired.remove(internal)
 
     def refresh(self) -> list[str]:
         """Re-resolve the references that can move; load what changed. Returns the names switched.

@@ -1,4 +1,8 @@
-"""Request coalescing for the served model: concurrent calls with equal params share one batch.
+"""Request coalescing: concurrent calls with equal params share one batch.
+
+The served model no longer uses it: :mod:`.scheduler` admits every request into one running batch between
+tokens. :class:`RequestBatcher` stays a small, tested utility for callers that batch whole calls, and
+:class:`BatcherStats` names the scheduler's counters.
 
 MLflow's scoring server runs each request's ``predict`` in its own thread. Calling ``model.generate``
 from several threads at once is unsafe and slow, so one lock serialises generation, and requests that
@@ -18,7 +22,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,29 +193,15 @@ class RequestBatcher:
         return group.results[start : start + len(prompts)]
 
 
-def widen_scoring_server_pool(threads: int) -> bool:
-    """Let up to ``threads`` requests of ``mlflow models serve`` be inside ``predict`` at once.
-
-    Call from ``predict``. MLflow's scoring server hands each request to ``asyncio.to_thread``, i.e. to
-    the event loop's default executor of ``min(32, cpus + 4)`` threads: 6 on a 2-core machine. A
-    request beyond that waits before ``predict`` and cannot join the batch that is forming, so 8
-    concurrent clients got three or four generate calls instead of one or two. MLflow offers no setting
-    and loads the model before the loop exists, so the limit of the executor running this call is
-    raised. The extra threads only wait on the batcher; the model still runs one batch at a time.
-    Does nothing outside the scoring server or where the executor is not found (returns False).
-    """
-    if threads <= 0 or SCORING_SERVER_ENV not in os.environ:
-        return False
-    # A ThreadPoolExecutor worker thread runs `_worker(executor_weakref, ...)`; CPython keeps the
-    # arguments on the Thread object while it runs.
-    args = getattr(threading.current_thread(), "_args", None) or (None,)
-    executor = args[0]() if callable(args[0]) else None
-    if not isinstance(executor, ThreadPoolExecutor) or not isinstance(getattr(executor, "_max_workers", None), int):
-        logger.debug("Not in a thread pool worker; the scoring server keeps its own request threads.")
-        return False
-    executor._max_workers = max(executor._max_workers, threads)
-    logger.info("Scoring server: up to %d requests may now wait for a shared batch at once.", executor._max_workers)
-    return True
+# The request threads of `mlflow models serve`. MLflow's scoring server runs each request's `predict` through
+# `asyncio.to_thread`, i.e. in the event loop's default executor of `min(32, cpus + 4)` threads (6 on a 2-core
+# machine), and offers no setting for it. The public way to widen it is `loop.set_default_executor`, which needs
+# the running loop; a model is loaded before that loop exists and `predict` runs in a worker thread that has
+# none, and MLflow gives a model no startup hook. So no public mechanism reaches it from the flavor: `smolora
+# serve` (serving.routes.Routes) sets a wide default executor on its own loop, and under plain `mlflow models
+# serve` a 7th concurrent request waits for a thread, then joins the running batch at the next token (the
+# scheduler admits requests between tokens, so nobody waits for a whole batch). Earlier versions raised the
+# executor's private `_max_workers` through CPython's thread internals; that is gone.
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -109,9 +109,24 @@ def _is_conversation(x: Any) -> bool:
     return isinstance(x, (list, tuple, np.ndarray)) and len(x) > 0 and all(_is_message(m) for m in x)
 
 
-def _chat(tokenizer, messages: Any, where: str) -> str:
+def _chat(tokenizer, messages: Any, where: str, chat: bool = True) -> str:
+    """Chat messages as the model was trained to read them: through the chat template for a ``chat`` model;
+    for a ``plain`` one, a lone user message is its text (a plain prompt, as training rendered prompts), and
+    anything more is refused, since no rendering of a conversation is what the model learned."""
+    messages = [dict(m) for m in messages]
+    if not chat:
+        if len(messages) == 1 and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str):
+            if not messages[0]["content"].strip():
+                raise invalid_input(f"{where}: the user message is empty; every prompt must contain text.")
+            return messages[0]["content"]
+        roles = [m.get("role") for m in messages]
+        _check_unicode([str(r) for r in roles])  # a role no text can hold is that mistake, said first
+        raise invalid_input(
+            f"{where}: this model was trained on plain prompts (prompt_format: plain), not chat turns, so a "
+            f"conversation of {len(messages)} messages (roles {roles}) has no rendering it was trained on. Send "
+            "the prompt text itself (to /v1/completions, or as a `prompt` string), or a single user message.")
     try:
-        return format_chat(tokenizer, [dict(m) for m in messages])
+        return format_chat(tokenizer, messages)
     except (ValueError, TemplateError) as e:
         raise invalid_input(f"{where}: {e}") from e
 
@@ -138,7 +153,7 @@ def _cell_prompts(cell: Any, tokenizer, where: str, chat: bool = False) -> list[
         # A model trained on chat-rendered prompts gets plain prompts as a user turn, as in training.
         return [_chat(tokenizer, [{"role": "user", "content": cell.strip()}], where)] if chat else [cell]
     if _is_conversation(cell):
-        return [_chat(tokenizer, cell, where)]
+        return [_chat(tokenizer, cell, where, chat)]
     if isinstance(cell, (list, tuple, np.ndarray)) and len(cell) > 0 and not _is_message(cell[0]):
         out: list[str] = []
         for j, item in enumerate(cell):
@@ -156,7 +171,7 @@ def _cell_prompts(cell: Any, tokenizer, where: str, chat: bool = False) -> list[
 def _frame_prompts(df: pd.DataFrame, tokenizer, chat: bool = False) -> list[str]:
     if PROMPT_COLUMN not in df.columns:
         if {"role", "content"} <= set(df.columns):  # a message list that was turned into a frame
-            return [_chat(tokenizer, df.to_dict(orient="records"), "messages")]
+            return [_chat(tokenizer, df.to_dict(orient="records"), "messages", chat)]
         raise invalid_input(
             f"The input has no `{PROMPT_COLUMN}` column; it has columns {[str(c) for c in df.columns]}. "
             f"Send a `{PROMPT_COLUMN}` column of strings."
@@ -170,8 +185,9 @@ def _frame_prompts(df: pd.DataFrame, tokenizer, chat: bool = False) -> list[str]
 def to_prompts(model_input: Any, tokenizer, prompt_format: str = "plain") -> list[str]:
     """Normalise any accepted input to a non-empty list of prompt strings (chat already formatted).
 
-    With ``prompt_format="chat"`` (a model trained on chat-rendered prompts) plain string prompts are
-    rendered with the chat template as a user turn too.
+    Prompts reach the model as its training rendered them. With ``prompt_format="chat"`` (a model trained on
+    chat-rendered prompts) plain string prompts are rendered with the chat template as a user turn too; with
+    ``plain``, chat messages are a lone user message's text, and a longer conversation is refused.
     """
     chat = prompt_format == "chat"
     x = model_input
@@ -187,7 +203,7 @@ def to_prompts(model_input: Any, tokenizer, prompt_format: str = "plain") -> lis
         if PROMPT_COLUMN in x:
             prompts = _cell_prompts(_unwrap(x[PROMPT_COLUMN]), tokenizer, f"`{PROMPT_COLUMN}`", chat)
         elif "messages" in x:
-            prompts = _cell_prompts(_unwrap(x["messages"]), tokenizer, "`messages`")
+            prompts = _cell_prompts(_unwrap(x["messages"]), tokenizer, "`messages`", chat)
         else:
             raise invalid_input(
                 f"The input has no `{PROMPT_COLUMN}` key; it has keys {[str(k) for k in x]}. "
@@ -214,7 +230,7 @@ def _list_prompts(items: list[Any], tokenizer, chat: bool = False) -> list[str]:
     if not items:
         raise invalid_input("The input holds no prompts; send at least one.")
     if _is_conversation(items):
-        return [_chat(tokenizer, items, "messages")]
+        return [_chat(tokenizer, items, "messages", chat)]
     if all(isinstance(r, Mapping) for r in items):  # records
         return _frame_prompts(pd.DataFrame(items), tokenizer, chat)
     out: list[str] = []

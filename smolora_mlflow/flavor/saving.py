@@ -53,6 +53,20 @@ def get_default_conda_env(mode: str = "merged") -> dict[str, Any]:
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements(mode))
 
 
+def _decide_format(prompt_format: str, tokenizer_dir: Path) -> tuple[str, str]:
+    """(format, why) the flavor block records; ``auto`` is decided from the saved tokenizer and generation config."""
+    if prompt_format not in ("auto", "chat", "plain"):
+        raise invalid_input(f"`prompt_format` must be 'auto', 'chat' or 'plain', got {prompt_format!r}.")
+    if prompt_format != "auto":
+        return prompt_format, f"prompt_format {prompt_format} given when the model was saved"
+    from transformers import AutoTokenizer
+
+    from smolora_mlflow.models.generation import decide_prompt_format
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return decide_prompt_format("auto", tokenizer, str(tokenizer_dir))
+
+
 def save_model(
     path: str | os.PathLike,
     model_dir: str | os.PathLike | None = None,
@@ -66,7 +80,7 @@ def save_model(
     base_model_sha256: str | None = None,
     lora_config: dict[str, Any] | None = None,
     training_run_id: str | None = None,
-    prompt_format: str = "plain",
+    prompt_format: str = "auto",
     model_card: str | None = None,
     generation_defaults: dict[str, Any] | None = None,
     max_new_tokens_limit: int = 1024,
@@ -97,7 +111,10 @@ def save_model(
         lora_config: LoRA settings to record (adapter mode reads them from the adapter).
         training_run_id: the MLflow run that trained the adapter.
         prompt_format: ``chat`` when training rendered prompts with the chat template: served plain
-            prompts are then rendered the same way; ``plain`` (default) serves them as they come.
+            prompts are then rendered the same way; ``plain`` serves them as they come (and a chat request
+            as its lone user message's text); ``auto`` (default) decides from the tokenizer and the
+            generation config (:func:`~smolora_mlflow.models.generation.decide_prompt_format`), and the
+            flavor block records why (``prompt_format_reason``).
         model_card: README text; a card is generated when omitted.
         generation_defaults: defaults for generation params (over the model's generation_config).
         max_new_tokens_limit: largest ``max_new_tokens`` a request may ask for.
@@ -125,15 +142,13 @@ def save_model(
                            training_run_id)
         config_dir = data_dir if mode == "merged" else files.local_base_dir(conf["base_model"])
         defaults = files.generation_defaults(config_dir, generation_defaults, max_new_tokens_limit)
-        if prompt_format not in ("chat", "plain"):
-            raise invalid_input(
-                f"`prompt_format` must be 'chat' or 'plain', got {prompt_format!r}.")
+        prompt_format, why = _decide_format(prompt_format, data_dir if mode == "merged" else config_dir)
         if not isinstance(hub_kernels, bool):
             raise invalid_input(f"`hub_kernels` must be true or false, got {hub_kernels!r}.")
         # The dtype the weights are saved in (merged) or the base's (adapter): what the loader loads by default.
         saved_dtype = pretrained.checkpoint_dtype(config_dir) if config_dir is not None else None
-        conf.update(prompt_format=prompt_format, generation_defaults=defaults, dtype=saved_dtype,
-                    hub_kernels=hub_kernels, code_sha256=hash_tree(path / code_subpath),
+        conf.update(prompt_format=prompt_format, prompt_format_reason=why, generation_defaults=defaults,
+                    dtype=saved_dtype, hub_kernels=hub_kernels, code_sha256=hash_tree(path / code_subpath),
                     max_new_tokens_limit=max_new_tokens_limit,
                     max_prompt_tokens=max_prompt_tokens, context_length=files.context_length(config_dir))
         mlflow_model = mlflow_model or Model()
@@ -171,7 +186,7 @@ def log_model(
     base_model_sha256: str | None = None,
     lora_config: dict[str, Any] | None = None,
     training_run_id: str | None = None,
-    prompt_format: str = "plain",
+    prompt_format: str = "auto",
     model_card: str | None = None,
     generation_defaults: dict[str, Any] | None = None,
     max_new_tokens_limit: int = 1024,

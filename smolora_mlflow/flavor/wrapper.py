@@ -1,32 +1,33 @@
-"""The pyfunc wrapper a smolora model loads as: validation, request coalescing, streaming, adapter routing.
+"""The pyfunc wrapper a smolora model loads as: validation, one generation scheduler, streaming, adapters.
 
 One wrapper serves a single model (merged, or one adapter) or an adapter set (several LoRA adapters on one
 resident base, see :mod:`.adapter_set`). In an adapter set a request names its adapter (param
-``adapter``); requests for different adapters share one ``generate`` call through PEFT's mixed-adapter
-batches (``adapter_names``), since the batcher groups by generation params only.
+``adapter``). Every request, predicted or streamed, goes to the model's one
+:class:`~smolora_mlflow.flavor.scheduler.GenerationScheduler`, where rows of any adapter and any params share
+forwards (PEFT's mixed-adapter batches, ``adapter_names``).
 
 What a server needs beyond ``predict``/``predict_stream``: :meth:`complete` and :meth:`open_stream` (the
 same with the adapter as an argument and a cancel event), or :meth:`prepare` (checked and tokenized once,
-with the prompt token counts) then :meth:`complete_prepared` / :meth:`stream_prepared`; :attr:`adapter_names`;
-and :attr:`observer`, an object the server sets to be told about requests, batches and tokens
-(``request(adapter)``, ``batch(prompts, adapters, waits)``, ``tokens(adapter, n)``); see
-``smolora_mlflow.serving.metrics``.
+with the prompt token ids) then :meth:`complete_results` (texts, token ids, finish reasons) /
+:meth:`stream_prepared` (a ``TokenStream`` whose ``result`` has the same once read); :attr:`adapter_names`;
+and :attr:`observer` (:class:`~smolora_mlflow.flavor.scheduler.Observer`), which the server sets to be told about
+requests, batches and tokens; see ``smolora_mlflow.serving.metrics``.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from smolora_mlflow.constants import ADAPTER_PARAM
 from smolora_mlflow.errors import invalid_input
-from smolora_mlflow.flavor.batching import SCORING_SERVER_ENV, RequestBatcher, widen_scoring_server_pool
+from smolora_mlflow.flavor.batching import SCORING_SERVER_ENV
 from smolora_mlflow.flavor.inputs import (
     OUTPUT_COLUMN,
     check_prompt_lengths,
@@ -34,7 +35,8 @@ from smolora_mlflow.flavor.inputs import (
     to_prompts,
     validate_params,
 )
-from smolora_mlflow.models.generation import count_tokens, decode_settings, generate, stream, warm_up
+from smolora_mlflow.flavor.scheduler import Completion, GenerationScheduler, LoopEvents, TokenStream
+from smolora_mlflow.models.generation import count_tokens, decode_settings, warm_up
 
 DEFAULT_ADAPTER = "default"  # the label of a single model's requests in metrics
 # What `model_config` (pyfunc.load_model, SERVING_MODEL_CONFIG) may set; the MLmodel declares each key, since
@@ -59,6 +61,7 @@ class Prepared:
     prompts: list[str]  # as generate sees them (chat rendered)
     params: dict[str, Any]  # over the model's defaults, checked
     prompt_tokens: list[int]  # tokens of each prompt
+    prompt_ids: list[list[int]] = field(default_factory=list)  # each prompt's ids, as the model sees them
 
     def new_text(self, i: int, text: str) -> str:
         """``text`` generated for prompt ``i`` without the echoed prompt (``return_full_text``)."""
@@ -66,21 +69,8 @@ class Prepared:
         return text[len(prompt):] if self.params.get("return_full_text") and text.startswith(prompt) else text
 
 
-@dataclass(frozen=True)
-class _Item:
-    prompt: str
-    adapter: str
-    submitted: float
-
-
-class _NoObserver:
-    def request(self, adapter: str) -> None: ...
-    def batch(self, prompts: int, adapters: list[str], waits: list[float]) -> None: ...
-    def tokens(self, adapter: str, n: int) -> None: ...
-
-
 class _SmoloraPyfuncWrapper:
-    """pyfunc implementation: validates inputs and params, coalesces concurrent calls, streams."""
+    """pyfunc implementation: validates inputs and params, hands every request to one scheduler, streams."""
 
     def __init__(self, model, tokenizer, conf: dict[str, Any], *, batch_size: int = 8,
                  coalesce_window_ms: float | None = None, max_batch_size: int = 32,
@@ -89,7 +79,6 @@ class _SmoloraPyfuncWrapper:
                  compile: str | bool = "auto"):
         self.model, self.tokenizer = model, tokenizer
         self.adapters = adapters  # an AdapterSet, or None for a single model
-        self.observer: Any = _NoObserver()
         self.defaults = dict(conf.get("generation_defaults") or {})
         self.max_new_tokens_limit = int(conf.get("max_new_tokens_limit") or 1024)
         self.max_prompt_tokens = conf.get("max_prompt_tokens")
@@ -106,28 +95,39 @@ class _SmoloraPyfuncWrapper:
         self.max_prompts_per_request = int(max_prompts_per_request)
         self.max_prompt_chars = int(max_prompt_chars)
         self._tokenizer_lock = threading.Lock()
-        # Unset, the wait adapts: in `mlflow models serve` a lone request waits for company for 5 ms or 5%
-        # of a generate call, whichever is longer (requests sent together reach predict a few ms apart
-        # after MLflow's parsing), 15 ms while requests have been coalescing; a direct predict call runs at
-        # once unless calls have been coalescing. A number fixes the quiet gap; 0 never waits.
+        # Unset, an idle model in `mlflow models serve` waits 5 ms for company (requests sent together reach
+        # predict a few ms apart after MLflow's parsing); a direct predict call runs at once. A busy model
+        # never waits: new requests join the running batch at the next token. A number fixes the gap.
         in_server = SCORING_SERVER_ENV in os.environ
-        if coalesce_window_ms is None:
-            self._batcher = RequestBatcher(self._run_batch, window_s=0.005 if in_server else 0.0,
-                                           max_batch_size=int(max_batch_size),
-                                           wait_fraction=0.05 if in_server else 0.0)
-        else:
-            gap = float(coalesce_window_ms) / 1000
-            self._batcher = RequestBatcher(self._run_batch, window_s=gap, busy_window_s=gap,
-                                           max_batch_size=int(max_batch_size))
+        window = (0.005 if in_server else 0.0) if coalesce_window_ms is None else float(coalesce_window_ms) / 1000
+        self.scheduler = GenerationScheduler(model, tokenizer, tokenizer_lock=self._tokenizer_lock, adapters=adapters,
+                                             max_batch_size=int(max_batch_size), prefill_batch=self.batch_size,
+                                             window_s=window, decode=self.decode)
         if adapters is not None:
-            adapters.lock = self._batcher.lock  # adapters are swapped between generate calls, never during
-        self._server_threads = int(max_batch_size if server_threads is None else server_threads) if in_server else 0
+            adapters.lock = self.scheduler.lock  # adapters are swapped between tokens, never during a forward
+            # A weak reference: the pool must not keep the scheduler (and the model) alive, so the pool's refresh
+            # thread ends as soon as the model is dropped.
+            in_use = weakref.WeakMethod(self.scheduler.adapters_in_use)
+            adapters.in_use = lambda: ((method := in_use()) and method()) or set()
+        # `server_threads` (how many requests may wait inside predict at once) is kept for saved model configs;
+        # `smolora serve` sizes its request pool itself (serving.app) and `mlflow models serve` offers no
+        # public way to (see flavor.batching).
+        self.server_threads = server_threads
         count_tokens(tokenizer, "warm up")  # settle the fast tokenizer's state before threads share it
 
     @property
+    def observer(self) -> Any:
+        """Told about requests, batches and tokens (``request``, ``batch``, ``tokens``); set by a server."""
+        return self.scheduler.observer
+
+    @observer.setter
+    def observer(self, value: Any) -> None:
+        self.scheduler.observer = value
+
+    @property
     def stats(self):
-        """Coalescing counters: requests, batches, coalesced_requests, largest_batch."""
-        return self._batcher.stats
+        """Scheduling counters: requests, batches (admissions), coalesced_requests, largest_batch."""
+        return self.scheduler.stats
 
     @property
     def adapter_names(self) -> list[str] | None:
@@ -148,22 +148,14 @@ class _SmoloraPyfuncWrapper:
             return DEFAULT_ADAPTER
         return self.adapters.check_name(adapter)
 
-    def _run_batch(self, items: list[_Item], params: dict[str, Any]) -> list[str]:
-        started = time.monotonic()
-        prompts = [i.prompt for i in items]
-        names = None if self.adapters is None else [self.adapters.internal(i.adapter) for i in items]
-        self.observer.batch(len(items), [i.adapter for i in items], [started - i.submitted for i in items])
-        texts = generate(self.model, self.tokenizer, prompts, batch_size=self.batch_size, adapter_names=names,
-                         decode=self.decode, **params)
-        if not isinstance(self.observer, _NoObserver):  # counting re-tokenizes every output: only for metrics
-            for item, text in zip(items, texts, strict=True):
-                self.observer.tokens(item.adapter, self.count_new_tokens(text))
-        return texts
-
     def count_new_tokens(self, text: str) -> int:
-        """Tokens in generated ``text`` (for usage and metrics)."""
+        """Tokens in ``text`` when re-tokenized (usage comes from the generated ids; this is for other text)."""
         with self._tokenizer_lock:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    def _encode(self, prompt: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        return self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
 
     def prepare(self, model_input: Any, params: dict[str, Any] | None = None, adapter: str | None = None
                 ) -> Prepared:
@@ -174,9 +166,14 @@ class _SmoloraPyfuncWrapper:
         with self._tokenizer_lock:
             prompts = to_prompts(model_input, self.tokenizer, self.prompt_format)
             check_request_size(prompts, self.max_prompts_per_request, self.max_prompt_chars)
-            lengths = [count_tokens(self.tokenizer, p) for p in prompts]
+            ids = [self._encode(p) for p in prompts]
+        lengths = [len(x) for x in ids]
         check_prompt_lengths(lengths, params["max_new_tokens"], self.max_prompt_tokens, self.context_length)
-        return Prepared(name, prompts, params, lengths)
+        return Prepared(name, prompts, params, lengths, ids)
+
+    def _internal(self, name: str):
+        # Looked up when the row is admitted: an alias swapped while a request waited serves its new adapter.
+        return (lambda: None) if self.adapters is None else (lambda: self.adapters.internal(name))
 
     @staticmethod
     def _split(params: dict[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
@@ -190,14 +187,17 @@ class _SmoloraPyfuncWrapper:
         """One completion per prompt, in order, with ``adapter`` (an adapter set's name, or None)."""
         return self.complete_prepared(self.prepare(model_input, params, adapter))
 
-    def complete_prepared(self, prepared: Prepared) -> list[str]:
-        """:meth:`complete` of a request :meth:`prepare` checked."""
-        if self._server_threads:  # first request in `mlflow models serve`
-            widen_scoring_server_pool(self._server_threads)
-            self._server_threads = 0
+    def complete_results(self, prepared: Prepared) -> list[Completion]:
+        """The :class:`Completion` (text without the prompt, token ids, finish reason) of each prompt."""
         self.observer.request(prepared.adapter)
-        now = time.monotonic()
-        return self._batcher.submit([_Item(p, prepared.adapter, now) for p in prepared.prompts], prepared.params)
+        return self.scheduler.submit(prepared.prompts, prepared.prompt_ids, prepared.params, prepared.adapter,
+                                     self._internal(prepared.adapter))
+
+    def complete_prepared(self, prepared: Prepared) -> list[str]:
+        """:meth:`complete` of a request :meth:`prepare` checked (with the prompt when ``return_full_text``)."""
+        full = prepared.params.get("return_full_text")
+        return [p + c.text if full else c.text
+                for p, c in zip(prepared.prompts, self.complete_results(prepared), strict=True)]
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One ``generated_text`` row per prompt, in order; param ``adapter`` picks an adapter set's adapter."""
@@ -206,32 +206,20 @@ class _SmoloraPyfuncWrapper:
         return pd.DataFrame({OUTPUT_COLUMN: self.complete(model_input, params, adapter)}, dtype=object)
 
     def open_stream(self, model_input: Any, params: dict[str, Any] | None = None, adapter: str | None = None,
-                    cancel: threading.Event | None = None) -> Iterator[str]:
+                    cancel: threading.Event | None = None) -> TokenStream:
         """Text pieces of one prompt's completion, validated before returning; ``cancel`` stops it."""
         return self.stream_prepared(self.prepare(model_input, params, adapter), cancel)
 
-    def stream_prepared(self, prepared: Prepared, cancel: threading.Event | None = None) -> Iterator[str]:
-        """:meth:`open_stream` of a request :meth:`prepare` checked."""
+    def stream_prepared(self, prepared: Prepared, cancel: threading.Event | None = None,
+                        events: LoopEvents | None = None) -> TokenStream:
+        """:meth:`open_stream` of a request :meth:`prepare` checked; its ``result`` once exhausted. ``events``
+        (a :class:`~smolora_mlflow.flavor.scheduler.LoopEvents`) hands the pieces to an asyncio loop."""
         if len(prepared.prompts) != 1:
             raise invalid_input(
                 f"A stream takes exactly one prompt, got {len(prepared.prompts)}; send one prompt per stream.")
         self.observer.request(prepared.adapter)
-        return self._stream(prepared.prompts[0], prepared.params, prepared.adapter, cancel)
-
-    def _stream(self, prompt: str, params: dict[str, Any], name: str, cancel) -> Iterator[str]:
-        pieces: list[str] = []
-        # Looked up under the generation lock: an alias swapped while this stream waited serves its new adapter.
-        internal = None if self.adapters is None else (lambda: self.adapters.internal(name))
-        try:
-            for piece in stream(self.model, self.tokenizer, prompt, lock=self._batcher.lock,
-                                adapter_name=internal, cancel=cancel, decode=self.decode, **params):
-                pieces.append(piece)
-                yield piece
-        finally:
-            text = "".join(pieces)
-            new = text[len(prompt):] if params["return_full_text"] else text
-            if not isinstance(self.observer, _NoObserver):
-                self.observer.tokens(name, self.count_new_tokens(new))
+        return self.scheduler.open(prepared.prompts[0], prepared.prompt_ids[0], prepared.params, prepared.adapter,
+                                   self._internal(prepared.adapter), cancel, events)
 
     def predict_stream(self, model_input: Any, params: dict[str, Any] | None = None) -> Iterator[str]:
         """Text pieces of one prompt's completion; validated before the first piece is asked for."""

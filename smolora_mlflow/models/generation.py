@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -322,26 +323,80 @@ _INSTRUCT_NAME = re.compile(r"(instruct|chat|-it\b|_it\b|-sft\b)", re.IGNORECASE
 def resolve_prompt_format(setting: str, tokenizer, model_name: str = "") -> str:
     """``chat`` or ``plain``: what the ``prompt_format`` setting means for this tokenizer and base model.
 
-    ``auto`` is ``chat`` when the tokenizer has a chat template and the base model's name says it is
-    instruction-tuned (``instruct``, ``chat``, ``-it``); a bare ``Question? Answer:`` prompt makes such a
-    model end its turn at once. ``chat`` without a chat template is an error naming the fix.
+    See :func:`decide_prompt_format`, which also says why. ``chat`` without a chat template is an error
+    naming the fix.
 
     Example:
         >>> resolve_prompt_format("auto", tokenizer, "HuggingFaceTB/SmolLM2-135M-Instruct")
         'chat'
     """
+    return decide_prompt_format(setting, tokenizer, model_name)[0]
+
+
+def _generation_eos(model_name: str, generation_config: Any) -> set[int]:
+    """The end-of-sequence ids ``generate`` stops on, from ``generation_config`` or the one saved with the model."""
+    if generation_config is None and model_name:
+        try:
+            from transformers import GenerationConfig
+
+            generation_config = GenerationConfig.from_pretrained(model_name)
+        except (OSError, ValueError):  # no generation_config.json (or an id not in the offline cache)
+            generation_config = None
+    eos = getattr(generation_config, "eos_token_id", None)
+    return set() if eos is None else {eos} if isinstance(eos, int) else {int(e) for e in eos}
+
+
+def _end_of_turn(tokenizer) -> str | None:
+    """The special token the chat template writes literally after an assistant's turn (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``); None when it writes none, or only the generic ``eos_token`` variable."""
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "u"}, {"role": "assistant", "content": "ANSWER"}], tokenize=False)
+    except Exception:  # a template that needs more (tools, a system turn): no signal from it
+        return None
+    after = rendered.split("ANSWER", 1)[-1].lstrip()
+    token = next((t for t in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab())
+                  if t and after.startswith(t)), None)
+    return token if token and token in str(tokenizer.chat_template) else None
+
+
+def decide_prompt_format(setting: str, tokenizer, model_name: str = "", generation_config: Any = None
+                         ) -> tuple[str, str]:
+    """(``chat`` or ``plain``, why): what ``prompt_format`` means for this tokenizer and model.
+
+    ``auto`` is ``chat`` when the tokenizer has a chat template and the model was tuned to hold
+    conversations: its generation config stops on the token the template writes to end an assistant turn
+    (SmolLM2-Instruct's ``<|im_end|>``, Llama 3's ``<|eot_id|>``; a base model with a borrowed template stops
+    on its document end instead), or its name says so (``instruct``, ``chat``, ``-it``). A bare ``Question?
+    Answer:`` prompt makes such a model end its turn at once. Otherwise ``plain``.
+    """
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if setting == "plain":
-        return "plain"
+        return "plain", "prompt_format is plain"
     if setting == "chat":
         if not has_template:
             raise ValueError("`prompt_format` is 'chat' but the tokenizer has no chat template; set "
                              "`prompt_format` to 'plain' or 'auto', or give the tokenizer a `chat_template`.")
-        return "chat"
+        return "chat", "prompt_format is chat"
     if setting != "auto":
         raise ValueError(f"`prompt_format` must be 'auto', 'chat' or 'plain', got {setting!r}.")
-    name = f"{model_name} {getattr(tokenizer, 'name_or_path', '')}"
-    return "chat" if has_template and _INSTRUCT_NAME.search(name) else "plain"
+    if not has_template:
+        return "plain", "auto: the tokenizer has no chat template"
+    turn_end = _end_of_turn(tokenizer)
+    if turn_end is not None:
+        turn_id = tokenizer.convert_tokens_to_ids(turn_end)
+        eos = _generation_eos(model_name, generation_config) or {tokenizer.eos_token_id}
+        if turn_id in eos:
+            return "chat", (f"auto: the chat template ends an assistant turn with {turn_end}, the token the "
+                            "model's generation config stops on")
+    # A local folder's own name only (where it was put says nothing about the model: /tmp/chat-tests/m).
+    names = [os.path.basename(os.path.normpath(n)) if os.path.isdir(n) else n
+             for n in (model_name, str(getattr(tokenizer, "name_or_path", "") or "")) if n]
+    name = " ".join(names)
+    if _INSTRUCT_NAME.search(name):
+        return "chat", f"auto: the model's name ({name.strip()}) says it is instruction-tuned"
+    return "plain", ("auto: the chat template's end of turn is not what the model stops on, and its name does not "
+                     "say instruction-tuned")
 
 
 def chat_messages(prompt: str, completion: str | None = None) -> list[dict[str, str]]:

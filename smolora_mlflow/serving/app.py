@@ -3,8 +3,8 @@
 Built the way MLflow's ``mlflow.pyfunc.scoring_server.app`` builds its own (the model path in
 ``__pyfunc_model_path__``, load-time settings in ``SERVING_MODEL_CONFIG``), so ``/invocations``,
 ``/ping``, ``/health`` and ``/version`` answer as ``mlflow models serve``'s do, with
-:class:`~smolora_mlflow.serving.guard.RequestGuard` in front. Beside them, routed by path before MLflow's
-app sees the request, :class:`~smolora_mlflow.serving.routes.Routes` adds ``/stream`` (server-sent events),
+:class:`~smolora_mlflow.serving.guard.RequestGuard` in front. Beside them, as Starlette routes with MLflow's
+app as the default, :class:`~smolora_mlflow.serving.routes.Routes` adds ``/stream`` (server-sent events),
 ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` and ``/metrics``; every response is counted
 by :class:`~smolora_mlflow.serving.metrics.MetricsMiddleware`. When the launcher looked up a manifest
 digest (``SMOLORA_MANIFEST_SHA256``), the files about to load are checked against it first. With
@@ -38,7 +38,9 @@ def build_app(model_path: str):
         return protect(RequestGuard(mlflow_app), api_key)
     metrics = Metrics()
     wrapper.observer = metrics
-    routes = Routes(mlflow_app, wrapper, metrics, os.environ.get(ENV_SERVED_MODEL_NAME) or "default")
+    # Request threads: every request that may wait for the scheduler at once, plus some for quick work.
+    threads = max(64, 2 * wrapper.scheduler.max_batch_size)
+    routes = Routes(mlflow_app, wrapper, metrics, os.environ.get(ENV_SERVED_MODEL_NAME) or "default", threads)
     # Outside in: count every answer, OpenAI's error shape on /v1/, the key, then the input checks.
     return MetricsMiddleware(OpenAIErrors(protect(RequestGuard(routes, paths=GUARDED_PATHS), api_key)), metrics)
 

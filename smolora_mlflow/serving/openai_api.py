@@ -187,16 +187,21 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def response(req: OpenAIRequest, texts: list[str], tokens: list[int], prompt_tokens: int,
-             max_new_tokens: int) -> dict[str, Any]:
-    """A ``text_completion`` or ``chat.completion`` object for non-streamed completions."""
+             max_new_tokens: int, finish_reasons: list[str] | None = None) -> dict[str, Any]:
+    """A ``text_completion`` or ``chat.completion`` object for non-streamed completions.
+
+    ``tokens`` are the generated token counts; ``finish_reasons`` (``stop`` or ``length``, from how generation
+    ended) default to what the counts imply against ``max_new_tokens``.
+    """
+    reasons = finish_reasons or [_finish(n, max_new_tokens) for n in tokens]
     if req.kind == "chat":
         choices = [{"index": i, "message": {"role": "assistant", "content": t},
-                    "finish_reason": _finish(n, max_new_tokens), "logprobs": None}
-                   for i, (t, n) in enumerate(zip(texts, tokens, strict=True))]
+                    "finish_reason": r, "logprobs": None}
+                   for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
         obj, prefix = "chat.completion", "chatcmpl-"
     else:
-        choices = [{"index": i, "text": t, "finish_reason": _finish(n, max_new_tokens), "logprobs": None}
-                   for i, (t, n) in enumerate(zip(texts, tokens, strict=True))]
+        choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
+                   for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
         obj, prefix = "text_completion", "cmpl-"
     return {"id": prefix + req.id, "object": obj, "created": req.created, "model": req.model, "choices": choices,
             "usage": _usage(prompt_tokens, sum(tokens))}

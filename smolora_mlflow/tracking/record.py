@@ -125,11 +125,14 @@ def lineage_tags(cfg: SmoloraConfig, data, base_info: dict, device: str, *, with
     return tags
 
 
-def prompt_tags(prompt_format: str, tokenizer) -> dict[str, str]:
-    """``smolora.prompt_format`` and, for chat, the sha256 of the chat template the prompts went through."""
+def prompt_tags(prompt_format: str, tokenizer, reason: str = "") -> dict[str, str]:
+    """``smolora.prompt_format`` (and why, when known) and, for chat, the sha256 of the chat template the
+    prompts went through."""
     import hashlib
 
     tags = {C.TAG_PROMPT_FORMAT: prompt_format}
+    if reason:
+        tags[C.TAG_PROMPT_FORMAT_REASON] = reason[:5000]
     if (digest := tokenizer_sha256(tokenizer)) is not None:
         tags[C.TAG_TOKENIZER_SHA256] = digest
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None

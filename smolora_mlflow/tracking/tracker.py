@@ -54,6 +54,7 @@ class NullTracker:
 
     run_id = None
     prompt_format = "plain"
+    prompt_format_reason = ""
 
     @contextlib.contextmanager
     def run(self, resume_run_id: str | None = None) -> Iterator[str | None]:
@@ -94,6 +95,7 @@ class RunTracker:
         self._params: dict[str, str] = {}  # what the run holds, so no param is ever sent twice
         self._param_prefix = "resolved."  # where a value that differs from the run's own goes
         self.prompt_format = "plain"  # what `cfg.prompt_format` resolved to for this tokenizer (set by training)
+        self.prompt_format_reason = ""  # and why
 
     # --- lifecycle ---
     @contextlib.contextmanager
@@ -324,7 +326,7 @@ class RunTracker:
         """Which prompt format training used and, for chat, the template itself (tag with its sha256)."""
         from smolora_mlflow.tracking.record import prompt_tags
 
-        tags = prompt_tags(self.prompt_format, tokenizer)
+        tags = prompt_tags(self.prompt_format, tokenizer, self.prompt_format_reason)
         self._put("tags", tags=tags)
         if C.TAG_CHAT_TEMPLATE_SHA256 in tags:
             self._put("text", text=tokenizer.chat_template, artifact_file=C.ARTIFACT_CHAT_TEMPLATE)

@@ -140,10 +140,12 @@ class SmoLoRA:
         # `auto` becomes what it means for this tokenizer, so the run, the evaluation and the logged model
         # all record (and use) the same prompt format.
         # The run logs the config as given; the format `auto` resolved to is its `smolora.prompt_format` tag.
-        fmt = generation.resolve_prompt_format(cfg.prompt_format, tokenizer, cfg.base_model)
+        fmt, why = generation.decide_prompt_format(cfg.prompt_format, tokenizer, cfg.base_model,
+                                                   getattr(model, "generation_config", None))
+        logger.info("Prompt format: %s (%s).", fmt, why)
         train_data = (as_chat(data) if cfg.method == "sft" else as_chat_turns(data)) if fmt == "chat" else data
         tracker = make_tracker(cfg, data, self.base_info, device=self.device.type)
-        tracker.prompt_format = fmt
+        tracker.prompt_format, tracker.prompt_format_reason = fmt, why
         if fmt != cfg.prompt_format:
             self.config = cfg = cfg.replace(prompt_format=fmt)
         resume_run = checkpoints.read_run_id(resume) if resume else None
