@@ -288,7 +288,7 @@ def test_register_from_a_pipeline_run_id(store):
 
 def test_transition_promote_rollback_and_versions(store):
     code, out, _ = _run_main(["transition", "smolora-demo", "2", "staging", "--reason", "try it"])
-    assert code == 0 and "version 2 is now in Staging (aliases: staging)" in out
+    assert code == 0 and "version 2 is now in Staging (aliases: staging, v1-1-0)" in out
     code, out, _ = _run_main(["promote", "smolora-demo", "--min_delta", "1000"])  # `latest` is version 2
     assert code == 0 and "version 2: not promoted to Production" in out
     code, out, _ = _run_main(["promote", "smolora-demo", "2", "--min_delta", "1000", "--force", "--reason",
@@ -300,7 +300,7 @@ def test_transition_promote_rollback_and_versions(store):
     assert code == 0
     table, history = out.split("\n\n")
     lines = table.splitlines()
-    assert lines[0].split()[:3] == ["version", "stage", "aliases"]
+    assert lines[0].split()[:3] == ["version", "semver", "stage"]
     assert lines[1].split()[:3] == ["1", "Production", "production"]
     assert lines[2].split()[:2] == ["2", "Archived"]
     assert "bad answers" in history and "try it" in history
