@@ -301,8 +301,8 @@ def test_transition_promote_rollback_and_versions(store):
     table, history = out.split("\n\n")
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["version", "semver", "stage"]
-    assert lines[1].split()[:3] == ["1", "Production", "production"]
-    assert lines[2].split()[:2] == ["2", "Archived"]
+    assert lines[1].split()[:3] == ["1", "1.0.0", "Production"]
+    assert lines[2].split()[:3] == ["2", "1.1.0", "Archived"]
     assert "bad answers" in history and "try it" in history
 
 
