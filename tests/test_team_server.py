@@ -205,7 +205,7 @@ def test_team_server_tracks_registers_and_serves_a_model(as_alice, tmp_path):
     info = workflow.log_trained_model(lora, registered_model_name=name, pip_requirements=PIP)
     version = str(info.registered_model_version)
     registry.transition(name, version, "Production", reason="team server test")
-    assert client.get_registered_model(name).aliases == {"production": version}
+    assert client.get_registered_model(name).aliases == {"production": version, "v1-0-0": version}
     assert _sql(server.db_uri, f"SELECT version FROM model_versions WHERE name = '{name}'") == [(int(version),)]
 
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@production")
