@@ -273,3 +273,12 @@ def launch_server(cmd: list[str], port: int, log_path, *, env=None, cwd=None) ->
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env, cwd=cwd,
                                 start_new_session=True)
     return MlflowServer(proc=proc, port=port, log=log)
+
+
+def save_served_model(path: Path, model_dir: str | os.PathLike) -> Path:
+    """The demo model as a smolora flavor folder for the serving tests: 8 new tokens by default."""
+    from smolora_mlflow import flavor
+
+    flavor.save_model(path, model_dir, pip_requirements=["torch", "transformers", "safetensors"],
+                      generation_defaults={"max_new_tokens": 8})
+    return path

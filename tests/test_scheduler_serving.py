@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from servers import save_served_model
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +23,7 @@ PROMPTS = ["The food was", "Our waiter brought", "I would come back because", "G
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory, demo_model_dir) -> Path:
-    from smolora_mlflow import flavor
-
-    path = tmp_path_factory.mktemp("sched") / "model"
-    flavor.save_model(path, demo_model_dir, pip_requirements=["torch", "transformers", "safetensors"],
-                      generation_defaults={"max_new_tokens": 8})
-    return path
+    return save_served_model(tmp_path_factory.mktemp("sched") / "model", demo_model_dir)
 
 
 @pytest.fixture(scope="module")

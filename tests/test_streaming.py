@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from servers import save_served_model
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +27,7 @@ CHAT = [{"role": "user", "content": "Our waiter"}]
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory, demo_model_dir) -> Path:
-    from smolora_mlflow import flavor
-
-    path = tmp_path_factory.mktemp("stream") / "model"
-    flavor.save_model(path, demo_model_dir, pip_requirements=["torch", "transformers", "safetensors"],
-                      generation_defaults={"max_new_tokens": 8})
-    return path
+    return save_served_model(tmp_path_factory.mktemp("stream") / "model", demo_model_dir)
 
 
 @pytest.fixture(scope="module")
