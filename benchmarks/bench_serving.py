@@ -190,7 +190,7 @@ def bench_stream_and_clients(merged: Path, workdir: Path, reps: int, max_new: in
             t0 = time.perf_counter()
             with requests.post(f"{url}/stream", json={"prompt": PROMPTS[1], "params": {"max_new_tokens": max_new}},
                                stream=True, timeout=300) as r:
-                for line in r.iter_lines(chunk_size=1):
+                for line in r.iter_lines(chunk_size=None):
                     if line.startswith(b"data: "):
                         took = time.perf_counter() - t0
                         break
@@ -240,7 +240,7 @@ def _stream_times(url: str, prompt: str, max_new: int, go: threading.Event | Non
     t0, first = time.perf_counter(), None
     with requests.post(f"{url}/stream", json={"prompt": prompt, "params": {"max_new_tokens": max_new}},
                        stream=True, timeout=600) as r:
-        for line in r.iter_lines(chunk_size=1):
+        for line in r.iter_lines(chunk_size=None):
             if line.startswith(b"data: ") and first is None:
                 first = time.perf_counter() - t0
     return first or 0.0, time.perf_counter() - t0

@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -84,18 +85,68 @@ class _Live:
     sent: int = 0  # characters of the text already handed to a stream
 
 
+class _Mailbox:
+    """Items posted to one asyncio loop from the scheduler thread, delivered in one loop callback.
+
+    A step produces a piece for every streamed row; one ``call_soon_threadsafe`` per piece would wake the loop
+    (a write to its self-pipe) once per row and token. Posts made while a delivery is pending join it.
+    """
+
+    _by_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _made = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._lock, self._items = loop, threading.Lock(), []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        with cls._made:
+            box = cls._by_loop.get(loop)
+            if box is None:
+                box = cls._by_loop[loop] = cls(loop)
+            return box
+
+    def post(self, target: asyncio.Queue, item: Any) -> None:
+        with self._lock:
+            self._items.append((target, item))
+            if len(self._items) > 1:  # a delivery is already scheduled and has not run yet
+                return
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop closed (server shutting down): nobody reads any more
+            with self._lock:
+                self._items.clear()
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for target, item in items:
+            target.put_nowait(item)
+
+
 class LoopEvents:
     """A stream's events handed straight to an asyncio loop (``put`` from the scheduler thread, ``await get()``
     in the loop): a server reads pieces without a thread per stream in between."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop, self._queue = loop, asyncio.Queue()
+        self._box, self._queue = _Mailbox.of(loop), asyncio.Queue()
 
     def put(self, item: tuple[str, Any]) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        self._box.post(self._queue, item)
 
     async def get(self) -> tuple[str, Any]:
         return await self._queue.get()
+
+    def get_nowait(self) -> tuple[str, Any] | None:
+        """The next event if one has arrived, else None (in the loop)."""
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    def interrupt(self) -> None:
+        """End the reader's wait now (in the loop; the client left): it reads the end of a cancelled stream."""
+        self._queue.put_nowait(("end", Completion("", (), "cancelled")))
 
 
 class TokenStream(Iterator[str]):
@@ -142,6 +193,26 @@ class TokenStream(Iterator[str]):
         if (prompt := self._prompt_first()) is not None:
             return prompt
         return self._take(*await self._request.events.get())
+
+    async def next_pieces(self) -> list[str] | None:
+        """The next piece and every one that has arrived behind it (a reader that fell behind sends them
+        together), or None at the end (a stream opened with :class:`LoopEvents`)."""
+        first = await self.next_piece()
+        if first is None:
+            return None
+        pieces = [first]
+        while self.result is None and (event := self._request.events.get_nowait()) is not None:
+            piece = self._take(*event)
+            if piece is None:
+                break
+            pieces.append(piece)
+        return pieces
+
+    def interrupt(self) -> None:
+        """The client left (called in the loop of a stream opened with :class:`LoopEvents`): cancel the row
+        and end a reader's wait at once."""
+        self._request.cancel.set()
+        self._request.events.interrupt()
 
     def close(self) -> None:
         self._request.cancel.set()
