@@ -147,3 +147,21 @@ def test_chat_requests_reach_a_plain_model_as_its_training_prompts(demo_model_di
     with pytest.raises(MlflowException, match="trained on plain prompts") as e:
         wrapper.complete({"messages": [{"role": "system", "content": "Be brief."}, *user]})
     assert "/v1/completions" in str(e.value)
+
+
+def test_stream_text_is_the_tokenizers_decode_row_by_row(tiny):
+    """Streams decode all rows in one backend call; it must give exactly what ``tokenizer.decode`` gives,
+    special tokens and byte fallback included, and fall back to ``decode`` where a tokenizer cleans up spaces."""
+    from smolora_mlflow.flavor.scheduler import GenerationScheduler
+
+    model, tok = tiny
+    sched = GenerationScheduler(model, tok, tokenizer_lock=threading.Lock())
+    assert sched._decode_batch is not None  # the demo's fast tokenizer takes the batched path
+    rows = [[*_ids(tok, p), tok.eos_token_id, tok.pad_token_id] for p in PROMPTS] + [[], list(range(len(tok)))]
+    want = [tok.decode(ids, skip_special_tokens=True) for ids in rows]
+    assert sched._texts(rows) == want
+    tok.clean_up_tokenization_spaces = True
+    try:
+        assert GenerationScheduler._backend_decode_batch(tok) is None
+    finally:
+        tok.clean_up_tokenization_spaces = False

@@ -253,6 +253,7 @@ class GenerationScheduler:
         logger.info("Generation scheduler: %s (%s).", "rows join and leave between tokens" if self.rows_supported
                     else "whole generate calls", self.rows_reason)
         self._eos = eos_ids(model, tokenizer)
+        self._decode_batch = self._backend_decode_batch(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._batch = RowBatch(model, pad if pad is not None else 0, uses_adapters=adapters is not None)
         self._live: list[_Live] = []
@@ -408,17 +409,40 @@ class GenerationScheduler:
         self.observer.batch(len(adapters), adapters, waits)
 
     def _emit(self) -> None:
-        for live in self._live:
-            self._emit_one(live)
+        streamed = [live for live in self._live if live.request.events is not None and not live.request.cancel.is_set()]
+        if streamed:
+            for live, text in zip(streamed, self._texts([live.row.generated for live in streamed]), strict=True):
+                self._emit_text(live, text)
 
     def _emit_one(self, live: _Live) -> None:
+        if live.request.events is not None and not live.request.cancel.is_set():
+            self._emit_text(live, self._texts([live.row.generated])[0])
+
+    def _texts(self, rows: list[list[int]]) -> list[str]:
+        """Each row's text, as ``tokenizer.decode(ids, skip_special_tokens=True)`` gives it. Streams decode every
+        row at every token: one call into the fast tokenizer's backend for all rows where that is exactly what
+        ``decode`` does, else ``decode`` row by row."""
+        with self.tokenizer_lock:
+            if self._decode_batch is not None:
+                return self._decode_batch(rows, skip_special_tokens=True)
+            return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
+
+    @staticmethod
+    def _backend_decode_batch(tokenizer) -> Callable | None:
+        """The backend's ``decode_batch`` where ``tokenizer.decode`` is the backend's ``decode`` and nothing more
+        (transformers' own ``_decode``, no clean-up of tokenization spaces), else None."""
+        try:
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        except ImportError:  # a transformers without the tokenizers backend class
+            return None
+        if type(tokenizer)._decode is not TokenizersBackend._decode or tokenizer.clean_up_tokenization_spaces:
+            return None
+        return tokenizer.backend_tokenizer.decode_batch
+
+    def _emit_text(self, live: _Live, text: str) -> None:
         """Hand a streamed row the text it gained, token by token: all of the decoded text but trailing white
         space (the tokenizer's clean-up may drop a space before punctuation that comes next) and an incomplete
         character (a byte-level token that ends mid-character decodes to U+FFFD until the rest comes)."""
-        if live.request.events is None or live.request.cancel.is_set():
-            return
-        with self.tokenizer_lock:
-            text = self.tokenizer.decode(live.row.generated, skip_special_tokens=True)
         if live.row.finish is None:
             if text.endswith("\ufffd"):
                 return
