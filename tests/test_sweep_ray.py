@@ -40,8 +40,10 @@ def test_ray_sweep_runs_trials_in_parallel_workers_and_registers_the_best(tracki
     trials = client.search_runs([exp], f"tags.`{C.TAG_SWEEP_RUN_ID}` = '{pid}'")
     assert len(trials) == 4
     assert all(t.data.tags["mlflow.parentRunId"] == pid and t.info.status == "FINISHED" for t in trials)
-    assert sorted(int(t.data.tags[C.TAG_SWEEP_TRIAL]) for t in trials) == sorted(
+    # numbered 0..3 like Optuna's trials, each once (Tune's random hex trial ids once gave two trials one number)
+    assert sorted(int(t.data.tags[C.TAG_SWEEP_TRIAL]) for t in trials) == [0, 1, 2, 3] == sorted(
         m.step for m in client.get_metric_history(pid, "eval_loss"))
+    assert sorted(t.data.tags["mlflow.runName"] for t in trials) == [f"trial-{n}" for n in range(4)]
     spans = [(t.info.start_time, t.info.end_time) for t in trials]
     assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:]), spans  # parallel
     values = {t.info.run_id: t.data.metrics["eval_loss"] for t in trials}

@@ -163,7 +163,7 @@ def run_sweep(cfg: SmoloraConfig, *, promote: bool = False, promote_options: dic
             trials = sweep_ray.run_trials(cfg, space, parent_id, maximize, sampler(cfg), _trial, say)
             for t in trials:
                 record(t["number"], t["params"], t["run_id"], t["value"])
-            best["lora"] = sweep_ray.trial_lora(cfg, next(t for t in trials if t["number"] == best["number"]))
+            best["lora"] = sweep_ray.trial_lora(cfg, next(t for t in trials if t["run_id"] == best["run_id"]))
         else:
             _study(cfg, maximize).optimize(objective, n_trials=cfg.sweep_trials)
         result.best_run_id, result.best_params, result.best_value = best["run_id"], best["params"], best["value"]

@@ -63,10 +63,28 @@ def _absolute_uri(uri: str) -> str:
     return uri
 
 
-def trial_number(trial_id: str) -> int:
-    """Tune's trial ids end with a counter (``a1b2c3d4_00003``): the trial's number, as Optuna's are."""
-    m = re.search(r"(\d+)$", trial_id)
-    return int(m[1]) if m else abs(hash(trial_id)) % 100000
+def trial_name(trial) -> str:
+    """Tune's ``trial_name_creator``: ``trial-<n>``, n counting from 0 in the order the searcher made the trials.
+
+    The number cannot come from the trial id: with a searcher (``OptunaSearch``) Tune's ids are 8 random hex
+    digits, whose trailing digits collide between trials (two trials then shared a number, an ``output_dir``
+    and, at the end, the wrong run got the best model). Tune's search generator starts each trial's
+    ``experiment_tag`` with its own counter (``"3_lora_r=4,..."``, from 1); the name is made once, in the
+    driver, and the worker reads it back with ``tune.get_context().get_trial_name()``.
+    """
+    counter, _, _ = str(trial.experiment_tag).partition("_")
+    if not counter.isdigit():
+        raise RuntimeError(f"unexpected Ray Tune experiment_tag {trial.experiment_tag!r}: it should start with "
+                           "the trial counter (checked against Ray 2.60's SearchGenerator).")
+    return f"trial-{int(counter) - 1}"
+
+
+def trial_number(name: str) -> int:
+    """The number in a name made by :func:`trial_name`."""
+    m = re.fullmatch(r"trial-(\d+)", name)
+    if m is None:
+        raise RuntimeError(f"Ray Tune trial name {name!r} was not made by sweep_ray.trial_name.")
+    return int(m[1])
 
 
 def _ray_trial(params: dict[str, Any], *, base: dict[str, Any], parent_id: str, experiment_id: str,
@@ -79,7 +97,7 @@ def _ray_trial(params: dict[str, Any], *, base: dict[str, Any], parent_id: str, 
     os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id  # the parent's, when the name leaves it to MLflow
     cfg = SmoloraConfig.from_dict(base)
     cfg = cfg.replace(run_tags={**cfg.run_tags, _PARENT_TAG: parent_id})
-    number = trial_number(tune.get_context().get_trial_id())
+    number = trial_number(tune.get_context().get_trial_name())
     lora, value = train_trial(cfg, parent_id, number, params, {})
     tune.report({cfg.sweep_metric: value, "run_id": lora.run_id, "number": number,
                  "prompt_format": lora.config.prompt_format})
@@ -149,7 +167,8 @@ def run_trials(cfg: SmoloraConfig, space: dict[str, tuple[str, Any]], parent_id:
         grid = tune.Tuner(
             trainable, param_space=_tune_space(space),
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.sweep_trials,
-                                        max_concurrent_trials=cfg.sweep_workers, reuse_actors=True),
+                                        max_concurrent_trials=cfg.sweep_workers, reuse_actors=True,
+                                        trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=f"sweep-{parent_id}", verbose=0,
                                       storage_path=str(Path(base.output_dir) / "ray_results")),
         ).fit()
