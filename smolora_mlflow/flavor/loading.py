@@ -14,7 +14,7 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 
 from smolora_mlflow.constants import ADAPTER_SET_MODE
 from smolora_mlflow.errors import invalid_input
-from smolora_mlflow.flavor.batching import log_to_stderr_if_asked
+from smolora_mlflow.flavor.server_env import log_to_stderr_if_asked
 from smolora_mlflow.flavor.wrapper import MODEL_CONFIG_KEYS, _SmoloraPyfuncWrapper
 from smolora_mlflow.models.generation import resolve_device
 from smolora_mlflow.models.integrity import VerifiedModel, open_verified

@@ -21,18 +21,16 @@ seconds and starts again with the next request, so a model nobody uses holds no 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
-import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from smolora_mlflow.flavor.batching import BatcherStats
+from smolora_mlflow.flavor.streams import Completion, LoopEvents, TokenStream
 from smolora_mlflow.models.row_batch import Row, RowBatch, eos_ids, generate_ids, supports_rows
 
 logger = logging.getLogger(__name__)
@@ -40,13 +38,14 @@ logger = logging.getLogger(__name__)
 IDLE_EXIT_S = 5.0  # an idle scheduler thread ends after this long
 
 
-@dataclass(frozen=True)
-class Completion:
-    """One prompt's answer: the text (without the prompt), the generated token ids and why it ended."""
+@dataclass
+class SchedulerStats:
+    """Counters read by tests and benchmarks."""
 
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str  # "stop" (end-of-sequence token), "length" (max_new_tokens) or "cancelled"
+    requests: int = 0  # requests submitted
+    batches: int = 0  # admissions into the running batch, and grouped generate calls
+    coalesced_requests: int = 0  # requests that shared their admission with at least one other
+    largest_batch: int = 0  # most rows admitted at once
 
 
 class Observer:
@@ -85,139 +84,6 @@ class _Live:
     sent: int = 0  # characters of the text already handed to a stream
 
 
-class _Mailbox:
-    """Items posted to one asyncio loop from the scheduler thread, delivered in one loop callback.
-
-    A step produces a piece for every streamed row; one ``call_soon_threadsafe`` per piece would wake the loop
-    (a write to its self-pipe) once per row and token. Posts made while a delivery is pending join it.
-    """
-
-    _by_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-    _made = threading.Lock()
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop, self._lock, self._items = loop, threading.Lock(), []
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> _Mailbox:
-        with cls._made:
-            box = cls._by_loop.get(loop)
-            if box is None:
-                box = cls._by_loop[loop] = cls(loop)
-            return box
-
-    def post(self, target: asyncio.Queue, item: Any) -> None:
-        with self._lock:
-            self._items.append((target, item))
-            if len(self._items) > 1:  # a delivery is already scheduled and has not run yet
-                return
-        try:
-            self._loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the loop closed (server shutting down): nobody reads any more
-            with self._lock:
-                self._items.clear()
-
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        for target, item in items:
-            target.put_nowait(item)
-
-
-class LoopEvents:
-    """A stream's events handed straight to an asyncio loop (``put`` from the scheduler thread, ``await get()``
-    in the loop): a server reads pieces without a thread per stream in between."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._box, self._queue = _Mailbox.of(loop), asyncio.Queue()
-
-    def put(self, item: tuple[str, Any]) -> None:
-        self._box.post(self._queue, item)
-
-    async def get(self) -> tuple[str, Any]:
-        return await self._queue.get()
-
-    def get_nowait(self) -> tuple[str, Any] | None:
-        """The next event if one has arrived, else None (in the loop)."""
-        try:
-            return self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
-    def interrupt(self) -> None:
-        """End the reader's wait now (in the loop; the client left): it reads the end of a cancelled stream."""
-        self._queue.put_nowait(("end", Completion("", (), "cancelled")))
-
-
-class TokenStream(Iterator[str]):
-    """The pieces of one streamed prompt as they are generated; :attr:`result` once it is exhausted.
-
-    Read it as an iterator (blocking), or with ``await next_piece()`` when it was opened with
-    :class:`LoopEvents`. Closing it (or setting ``cancel``) frees its row at the next token.
-    """
-
-    def __init__(self, request: _Request):
-        self._request = request
-        self.result: Completion | None = None
-        self._pending_prompt = bool(request.params.get("return_full_text"))
-
-    def _take(self, kind: str, value: Any) -> str | None:
-        if kind == "piece":
-            return value
-        if kind == "error":
-            self.result = Completion("", (), "cancelled")
-            raise value
-        self.result = value
-        return None
-
-    def _prompt_first(self) -> str | None:
-        if self._pending_prompt:
-            self._pending_prompt = False
-            return self._request.prompts[0]
-        return None
-
-    def __next__(self) -> str:
-        if self.result is not None:
-            raise StopIteration
-        if (prompt := self._prompt_first()) is not None:
-            return prompt
-        piece = self._take(*self._request.events.get())
-        if piece is None:
-            raise StopIteration
-        return piece
-
-    async def next_piece(self) -> str | None:
-        """The next piece, or None at the end (a stream opened with :class:`LoopEvents`)."""
-        if self.result is not None:
-            return None
-        if (prompt := self._prompt_first()) is not None:
-            return prompt
-        return self._take(*await self._request.events.get())
-
-    async def next_pieces(self) -> list[str] | None:
-        """The next piece and every one that has arrived behind it (a reader that fell behind sends them
-        together), or None at the end (a stream opened with :class:`LoopEvents`)."""
-        first = await self.next_piece()
-        if first is None:
-            return None
-        pieces = [first]
-        while self.result is None and (event := self._request.events.get_nowait()) is not None:
-            piece = self._take(*event)
-            if piece is None:
-                break
-            pieces.append(piece)
-        return pieces
-
-    def interrupt(self) -> None:
-        """The client left (called in the loop of a stream opened with :class:`LoopEvents`): cancel the row
-        and end a reader's wait at once."""
-        self._request.cancel.set()
-        self._request.events.interrupt()
-
-    def close(self) -> None:
-        self._request.cancel.set()
-
-
 class GenerationScheduler:
     """The queue and the thread that generate every request of one model.
 
@@ -241,7 +107,7 @@ class GenerationScheduler:
         self.max_batch_size, self.prefill_batch = int(max_batch_size), max(1, int(prefill_batch))
         self.window_s, self.max_wait_s = float(window_s), float(max_wait_s)
         self.observer: Any = Observer()
-        self.stats = BatcherStats()
+        self.stats = SchedulerStats()
         self.lock = threading.Lock()  # held while the model runs; adapters are swapped between tokens
         self.decode = decode  # models.decoding.DecodeSettings, for whole generate calls
         self.rows_supported, self.rows_reason = supports_rows(model)
@@ -299,7 +165,7 @@ class GenerationScheduler:
         (``events``: deliver them to an asyncio loop instead, read with ``await stream.next_piece()``)."""
         request = self._request([prompt], [prompt_ids], params, adapter, internal, cancel, stream=True, events=events)
         self._enqueue(request)
-        return TokenStream(request)
+        return TokenStream(prompt, params, request.events, request.cancel)
 
     def adapters_in_use(self) -> set[str]:
         """PEFT adapter names of the rows being generated (an adapter swapped meanwhile is deleted later)."""

@@ -27,7 +27,6 @@ import pandas as pd
 
 from smolora_mlflow.constants import ADAPTER_PARAM
 from smolora_mlflow.errors import invalid_input
-from smolora_mlflow.flavor.batching import SCORING_SERVER_ENV
 from smolora_mlflow.flavor.inputs import (
     OUTPUT_COLUMN,
     check_prompt_lengths,
@@ -35,7 +34,9 @@ from smolora_mlflow.flavor.inputs import (
     to_prompts,
     validate_params,
 )
-from smolora_mlflow.flavor.scheduler import Completion, GenerationScheduler, LoopEvents, TokenStream
+from smolora_mlflow.flavor.scheduler import GenerationScheduler
+from smolora_mlflow.flavor.server_env import SCORING_SERVER_ENV
+from smolora_mlflow.flavor.streams import Completion, LoopEvents, TokenStream
 from smolora_mlflow.models.generation import count_tokens, decode_settings, warm_up
 
 DEFAULT_ADAPTER = "default"  # the label of a single model's requests in metrics
@@ -111,7 +112,7 @@ class _SmoloraPyfuncWrapper:
             adapters.in_use = lambda: ((method := in_use()) and method()) or set()
         # `server_threads` (how many requests may wait inside predict at once) is kept for saved model configs;
         # `smolora serve` sizes its request pool itself (serving.app) and `mlflow models serve` offers no
-        # public way to (see flavor.batching).
+        # public way to (see flavor.server_env).
         self.server_threads = server_threads
         count_tokens(tokenizer, "warm up")  # settle the fast tokenizer's state before threads share it
 
@@ -213,7 +214,7 @@ class _SmoloraPyfuncWrapper:
     def stream_prepared(self, prepared: Prepared, cancel: threading.Event | None = None,
                         events: LoopEvents | None = None) -> TokenStream:
         """:meth:`open_stream` of a request :meth:`prepare` checked; its ``result`` once exhausted. ``events``
-        (a :class:`~smolora_mlflow.flavor.scheduler.LoopEvents`) hands the pieces to an asyncio loop."""
+        (a :class:`~smolora_mlflow.flavor.streams.LoopEvents`) hands the pieces to an asyncio loop."""
         if len(prepared.prompts) != 1:
             raise invalid_input(
                 f"A stream takes exactly one prompt, got {len(prepared.prompts)}; send one prompt per stream.")

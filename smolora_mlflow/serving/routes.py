@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route, Router
 
-from smolora_mlflow.flavor.scheduler import LoopEvents
+from smolora_mlflow.flavor.streams import LoopEvents
 from smolora_mlflow.serving import openai_api
 from smolora_mlflow.serving.metrics import CONTENT_TYPE, Metrics
 
@@ -48,7 +48,7 @@ def _sse(document: Any) -> bytes:
 
 
 class EventStream(Response):
-    """A server-sent-events response fed by a :class:`~smolora_mlflow.flavor.scheduler.TokenStream`.
+    """A server-sent-events response fed by a :class:`~smolora_mlflow.flavor.streams.TokenStream`.
 
     Starlette's ``StreamingResponse`` notices a client that left only when a send fails (ASGI 2.4 servers) or
     by cancelling the body iterator; this one watches ``http.disconnect`` itself and sets the stream's
