@@ -2,7 +2,9 @@
 
 Stdlib only (PyYAML is imported lazily), so the CLI, the flavor and the registry can read a config
 without importing torch. Precedence is ``defaults < YAML recipe < overrides``; every invalid value is
-reported at once, naming the field, the value and what is allowed.
+reported at once, naming the field, the value and what is allowed. The checks ``__post_init__`` runs are in
+:mod:`~smolora_mlflow.config_checks`; reading text values into typed ones (and :class:`ConfigError`) is in
+:mod:`~smolora_mlflow.config_parsing`.
 
 Example:
     >>> cfg = SmoloraConfig(lora_r=4, max_steps=10)
@@ -13,29 +15,18 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import re
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from smolora_mlflow.config_checks import alias_problems, range_problems, type_problems, unknown_key_message
+from smolora_mlflow.config_parsing import ConfigError, as_list, coerce_value, target_modules
 from smolora_mlflow.redaction import redact
 
 DEMO_MODEL = "smolora:demo"
 DEMO_DATASET = "smolora:reviews"
-
-
-class ConfigError(ValueError):
-    """Raised with every problem of a config at once."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"Invalid smolora config ({len(problems)} problem(s)):\n{lines}")
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -227,11 +218,11 @@ class SmoloraConfig:
                                                                  ">= 0."))
 
     def __post_init__(self) -> None:
-        self.lora_target_modules = _target_modules(self.lora_target_modules)
-        self.sample_prompts = _as_list(self.sample_prompts)
-        self.rewards = _as_list(self.rewards)
-        problems = _alias_problems(self)
-        problems += _type_problems(self) + _range_problems(self)
+        self.lora_target_modules = target_modules(self.lora_target_modules)
+        self.sample_prompts = as_list(self.sample_prompts)
+        self.rewards = as_list(self.rewards)
+        problems = alias_problems(self)
+        problems += type_problems(self, _HINTS) + range_problems(self, _HINTS)
         if (self.peft or self.trainer_args) and not any(
                 p.startswith(("`peft`", "`trainer_args`", "`method`")) for p in problems):
             # PEFT/TRL are imported only here, and only when a run sets one of these options.
@@ -247,7 +238,7 @@ class SmoloraConfig:
         """Build a config, rejecting unknown keys with a suggestion."""
         unknown = [k for k in values if k not in _FIELDS]
         if unknown:
-            raise ConfigError([_unknown_key_message(k) for k in unknown])
+            raise ConfigError([unknown_key_message(k, _FIELDS) for k in unknown])
         return cls(**dict(values))
 
     @classmethod
@@ -275,7 +266,7 @@ class SmoloraConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# helpers
+# fields, and reading values from outside (YAML recipes, CLI flags, `mlflow run -P key=value`)
 
 _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(SmoloraConfig)}
 _HINTS: dict[str, Any] = typing.get_type_hints(SmoloraConfig)
@@ -293,12 +284,6 @@ def field_type(name: str) -> Any:
     return _HINTS[name]
 
 
-def _unknown_key_message(key: str) -> str:
-    close = difflib.get_close_matches(key, _FIELDS, n=1)
-    hint = f" Did you mean `{close[0]}`?" if close else " See `smolora train --help` for the fields."
-    return f"`{key}` is not a config field.{hint}"
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
@@ -314,237 +299,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _as_list(value: Any) -> Any:
-    if isinstance(value, str):
-        value = value.strip()
-        if value.startswith("["):
-            try:
-                return json.loads(value)
-            except json.JSONDecodeError:
-                return value
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-_REGEX_CHARS = set("*()[]|\\^$?+{}")
-
-
-def _target_modules(value: Any) -> Any:
-    """A list of module names, or one regular expression (PEFT's str form) when the text has regex characters."""
-    if isinstance(value, str) and not value.strip().startswith("[") and _REGEX_CHARS & set(value):
-        return value.strip()
-    return _as_list(value)
-
-
-# `lora_*` fields are aliases of these LoraConfig keys; a key given both ways is an error.
-PEFT_ALIASES = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-                "target_modules": "lora_target_modules", "bias": "lora_bias"}
-# Config fields that are TRL config keys of the same name (for every method that has the key).
-TRAINER_ALIASES = {k: k for k in (
-    "learning_rate", "lr_scheduler_type", "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "packing", "seed",
-    "logging_steps", "save_total_limit", "output_dir")}
-
-
-def _field_default(name: str) -> Any:
-    f = _FIELDS[name]
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-def _alias_problems(cfg: SmoloraConfig) -> list[str]:
-    """Move alias keys of ``peft``/``trainer_args`` into their fields; a key set both ways is a problem.
-
-    A field still at its default counts as not given (a dataclass cannot tell the two apart).
-    """
-    problems = []
-    for option, aliases in (("peft", PEFT_ALIASES), ("trainer_args", TRAINER_ALIASES)):
-        options = getattr(cfg, option)
-        if not isinstance(options, dict):
-            continue
-        options = dict(options)  # never change the caller's mapping
-        setattr(cfg, option, options)
-        for key in [k for k in options if k in aliases]:
-            name = aliases[key]
-            value = options.pop(key)
-            if getattr(cfg, name) != _field_default(name):
-                problems.append(f"`{option}.{key}` and `{name}` set the same option ({value!r} and "
-                                f"{getattr(cfg, name)!r}); set only `{name}`.")
-                continue
-            setattr(cfg, name, _target_modules(value) if name == "lora_target_modules" else value)
-    return problems
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return tp, False
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    tp, optional = _unwrap_optional(tp)
-    if value is None:
-        return optional
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if tp is Any:
-        return True
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def describe_type(tp: Any) -> str:
-    tp, optional = _unwrap_optional(tp)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        text = " or ".join(describe_type(a) for a in typing.get_args(tp))
-    elif origin is Literal:
-        text = "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    elif origin is list:
-        text = "a list of " + typing.get_args(tp)[0].__name__
-    elif origin is dict:
-        text = "a mapping of str to " + ("values" if typing.get_args(tp)[1] is Any else "str")
-    else:
-        text = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-    return text + (" (or null)" if optional else "")
-
-
-def _type_problems(cfg: SmoloraConfig) -> list[str]:
-    problems = []
-    for name, tp in _HINTS.items():
-        value = getattr(cfg, name)
-        if not _matches(value, tp):
-            problems.append(f"`{name}` must be {describe_type(tp)}, got {value!r}.")
-    return problems
-
-
-# (field, predicate, allowed range text)
-_RANGES: list[tuple[str, Any, str]] = [
-    ("lora_r", lambda v: 1 <= v <= 1024, "an integer in 1..1024"),
-    ("lora_alpha", lambda v: v > 0, "a number > 0"),
-    ("lora_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("learning_rate", lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    ("warmup_ratio", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("weight_decay", lambda v: v >= 0, "a number >= 0"),
-    ("max_grad_norm", lambda v: v > 0, "a number > 0"),
-    ("num_train_epochs", lambda v: v > 0, "a number > 0"),
-    ("per_device_train_batch_size", lambda v: 1 <= v <= 4096, "an integer in 1..4096"),
-    ("gradient_accumulation_steps", lambda v: 1 <= v <= 4096, "an integer in 1..4096"),
-    ("max_length", lambda v: 8 <= v <= 131072, "an integer in 8..131072"),
-    ("eval_fraction", lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
-    ("logging_steps", lambda v: v >= 1, "an integer >= 1"),
-    ("eval_steps", lambda v: v >= 0, "an integer >= 0"),
-    ("save_steps", lambda v: v >= 0, "an integer >= 0"),
-    ("save_total_limit", lambda v: v >= 1, "an integer >= 1"),
-    ("chunk_words", lambda v: v >= 0, "an integer >= 0"),
-    ("max_samples", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
-    ("sample_max_new_tokens", lambda v: 1 <= v <= 1024, "an integer in 1..1024"),
-    ("system_metrics_interval", lambda v: v > 0, "a number > 0"),
-    ("task_max_rows", lambda v: v >= 1, "an integer >= 1"),
-    ("task_max_new_tokens", lambda v: 1 <= v <= 1024, "an integer in 1..1024"),
-    ("sweep_trials", lambda v: 1 <= v <= 10000, "an integer in 1..10000"),
-    ("sweep_workers", lambda v: 1 <= v <= 1024, "an integer in 1..1024"),
-    ("sweep_trial_cpus", lambda v: v > 0, "a number > 0"),
-    ("sweep_trial_gpus", lambda v: v >= 0, "a number >= 0"),
-]
-
-
-def _range_problems(cfg: SmoloraConfig) -> list[str]:
-    problems = []
-    bad_types = {p.split("`")[1] for p in _type_problems(cfg)}
-    for name, ok, allowed in _RANGES:
-        if name in bad_types:
-            continue
-        value = getattr(cfg, name)
-        if not ok(value):
-            problems.append(f"`{name}` must be {allowed}, got {value!r}.")
-    for name in ("base_model", "dataset", "output_dir", "experiment_name"):
-        if name not in bad_types and not getattr(cfg, name).strip():
-            problems.append(f"`{name}` must not be empty.")
-    if "task_answer_regex" not in bad_types and cfg.task_answer_regex is not None:
-        try:
-            re.compile(cfg.task_answer_regex.replace("{answer}", "x"))
-        except re.error as e:
-            problems.append(f"`task_answer_regex` must be a valid regular expression, got "
-                            f"{cfg.task_answer_regex!r} ({e}).")
-    if "rewards" not in bad_types and cfg.rewards and cfg.method != "grpo":
-        problems.append(f"`rewards` is read by `method: grpo` only, got {cfg.rewards!r} with method "
-                        f"{cfg.method!r}; drop `rewards` or set `method: grpo`.")
-    if "lora_target_modules" not in bad_types and not cfg.lora_target_modules:
-        problems.append("`lora_target_modules` must name at least one module, or be `all-linear`.")
-    return problems
-
-
-# ----------------------------------------------------------------------------------------------------
-# string overrides (CLI flags, `mlflow run -P key=value`)
-
-
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def parse_bool(name: str, raw: Any) -> bool:
-    """``true/false/yes/no/on/off/1/0`` (as ``mlflow run -P`` passes them) to a bool, else ConfigError."""
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigError([f"`{name}` must be true or false, got {raw!r}."])
-
-
 def coerce(name: str, raw: Any) -> Any:
     """Turn a command-line string into the type of field ``name``; raise ConfigError if it can't."""
     if name not in _FIELDS:
-        raise ConfigError([_unknown_key_message(name)])
-    if not isinstance(raw, str):
-        return raw
-    tp, optional = _unwrap_optional(_HINTS[name])
-    text = raw.strip()
-    if optional and text.lower() in ("", "none", "null"):
-        return None
-    origin = typing.get_origin(tp)
-    try:
-        if tp is bool:
-            return parse_bool(name, text)
-        if tp is int:
-            as_float = float(text)
-            if not as_float.is_integer():
-                raise ValueError
-            return int(as_float)
-        if tp is float:
-            return float(text)
-        if origin is list:
-            return _as_list(text)
-        if origin in (typing.Union, types.UnionType):  # list[str] | str: names, or one regular expression
-            return _target_modules(text)
-        if origin is dict:
-            parsed = json.loads(text) if text.startswith("{") else dict(
-                kv.split("=", 1) for kv in text.split(",") if kv
-            )
-            if typing.get_args(tp)[1] is Any:  # upstream options: typed later against the upstream dataclass
-                return {str(k).strip(): v.strip() if isinstance(v, str) else v for k, v in parsed.items()}
-            return {str(k): str(v) for k, v in parsed.items()}
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ConfigError([f"`{name}` must be {describe_type(_HINTS[name])}, got {raw!r}."]) from e
-    return text
+        raise ConfigError([unknown_key_message(name, _FIELDS)])
+    return coerce_value(name, _HINTS[name], raw)
 
 
 def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:

@@ -12,13 +12,15 @@ from pathlib import Path
 PKG = "smolora_mlflow"
 ROOT = Path(__file__).resolve().parents[1] / PKG
 
+# The foundation: stdlib-only modules at the package root that every layer, and the side, may read.
+FOUNDATION = {"config", "config_checks", "config_parsing", "constants", "refs", "redaction", "errors"}
 # Lower layers never import higher ones. flavor, registry and compare stand to the side: they import only the
 # foundation and models, and only evaluation and the layers above it import them.
-LAYERS = {"config": 0, "constants": 0, "refs": 0, "redaction": 0, "errors": 0, "upstream_options": 0,
+LAYERS = {**dict.fromkeys(FOUNDATION | {"upstream_options"}, 0),
           "models": 1, "data": 2, "evaluation": 3,
           "tracking": 4, "train": 5, "workflow": 6, "serving": 6, "cli": 7}
 SIDE = {"flavor", "registry", "compare"}
-SIDE_MAY_IMPORT = {"config", "constants", "refs", "redaction", "errors", "models"}
+SIDE_MAY_IMPORT = FOUNDATION | {"models"}
 SIDE_IMPORTERS_FROM_LAYER = LAYERS["evaluation"]
 
 

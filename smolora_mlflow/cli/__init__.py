@@ -17,7 +17,7 @@ from smolora_mlflow.cli.parser import (
     normalize_argv,
     parse_args,
 )
-from smolora_mlflow.config import parse_bool
+from smolora_mlflow.config_parsing import parse_bool
 
 __all__ = [
     "CONFIG_COMMANDS", "PROG", "UsageError", "add_config_options", "build_config",

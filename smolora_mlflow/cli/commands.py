@@ -19,7 +19,7 @@ from typing import Any
 
 from smolora_mlflow import constants as C
 from smolora_mlflow.cli.parser import PROG, UsageError, build_config
-from smolora_mlflow.config import parse_bool
+from smolora_mlflow.config_parsing import parse_bool
 
 
 def _err(message: str) -> None:

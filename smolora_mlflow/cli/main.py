@@ -12,8 +12,9 @@
     smolora serve smolora-demo --alias production -p 5001
 
 The parser is :mod:`smolora_mlflow.cli.parser` (it also serves ``mlflow run``), the handlers
-:mod:`smolora_mlflow.cli.commands`. Only the standard library and :mod:`smolora_mlflow.config` are imported
-at start, so ``--help`` is instant; the handlers import torch, transformers and MLflow when they run.
+:mod:`smolora_mlflow.cli.commands`. Only the standard library and the config modules (:mod:`smolora_mlflow.config`
+and its siblings) are imported at start, so ``--help`` is instant; the handlers import torch, transformers and
+MLflow when they run.
 Exit codes: 0 success, 1 runtime failure, 2 bad usage, config or input, 130 interrupted.
 """
 
@@ -29,7 +30,7 @@ from smolora_mlflow.cli.parser import (
     UsageError,
     parse_args,
 )
-from smolora_mlflow.config import ConfigError
+from smolora_mlflow.config_parsing import ConfigError
 
 __all__ = ["main"]
 

@@ -4,7 +4,8 @@ The same parser serves ``mlflow run`` (MLproject entry points call ``python -m s
 every SmoloraConfig field is an option ``--<field> VALUE`` (``--lora-r`` works too), so MLflow's
 ``-P lora_r=16``, which it appends as ``--lora_r 16``, is understood. Values are typed with
 :func:`smolora_mlflow.config.coerce`; an unknown or ill-typed option fails with exit code 2 before any
-work starts. Only the standard library and :mod:`smolora_mlflow.config` are imported here.
+work starts. Only the standard library and the config modules (:mod:`smolora_mlflow.config`, its
+siblings ``config_checks`` and ``config_parsing``) are imported here.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from smolora_mlflow.config import (
-    ConfigError,
     SmoloraConfig,
     coerce,
-    describe_type,
     field_help,
     field_names,
     field_type,
     load_yaml,
     parse_overrides,
 )
+from smolora_mlflow.config_parsing import ConfigError, describe_type
 
 PROG = "smolora"
 CONFIG_COMMANDS = ("run", "train", "evaluate", "sweep")
