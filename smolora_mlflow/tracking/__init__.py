@@ -2,15 +2,17 @@
 
 :mod:`~smolora_mlflow.tracking.tracker` (``RunTracker``: start/attach, finish, fail), the Trainer callback
 (:mod:`~smolora_mlflow.tracking.callback`), what is logged (:mod:`~smolora_mlflow.tracking.record`), the
-metric outbox that survives a tracking outage (:mod:`~smolora_mlflow.tracking.outbox`) and experiments.
+metric outbox that survives a tracking outage (:mod:`~smolora_mlflow.tracking.outbox`), MLflow's fluent run
+state (:mod:`~smolora_mlflow.tracking.fluent_run`), the tracker that logs nothing
+(:mod:`~smolora_mlflow.tracking.null_tracker`) and experiments.
 """
 
 from __future__ import annotations
 
 from smolora_mlflow.redaction import redact
+from smolora_mlflow.tracking.null_tracker import NullTracker
 from smolora_mlflow.tracking.record import git_commit
 from smolora_mlflow.tracking.tracker import (
-    NullTracker,
     RunTracker,
     checkpoint_dir_of_run,
     is_main_process,

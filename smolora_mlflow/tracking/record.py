@@ -1,4 +1,4 @@
-"""The content of a run record: flat params, lineage tags, dataset inputs, the model card, the loss curve.
+"""The content of a run record: flat params, lineage tags, dataset inputs, the run note, the model card, the loss curve.
 
 Pure functions of the config, the data and the metrics; `tracking` decides when and where they go.
 """
@@ -62,6 +62,16 @@ def flat_params(cfg: SmoloraConfig, data) -> tuple[dict[str, str], dict[str, str
     params["num_train_rows"] = str(data.num_train)
     params["num_eval_rows"] = str(data.num_eval)
     return params, long_values
+
+
+def same_param(a: str, b: str) -> bool:
+    """Whether two param texts mean the same value (``2e-4`` and ``0.0002``, ``true`` and ``True``)."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a.strip().lower() == b.strip().lower()
 
 
 def upstream_config_json(config: Any) -> str:
@@ -158,6 +168,19 @@ def dataset_inputs(data) -> list[tuple[Any, str]]:
     if data.eval is not None:
         out.append((mlflow_dataset(data.eval, source=data.source, name=f"{data.name}-eval"), "evaluation"))
     return out
+
+
+def run_description(cfg: SmoloraConfig, data) -> str:
+    """The run's note: what was trained on what, with which settings, in one sentence."""
+    steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epoch(s)"
+    recipe = "LoRA fine-tune" if cfg.method == "sft" else f"LoRA {cfg.method.upper()} training"
+    targets = cfg.lora_target_modules
+    return (
+        f"{recipe} of `{cfg.base_model}` on `{data.name}` ({data.num_train} train / {data.num_eval} "
+        f"eval rows, {data.format} format): r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, "
+        f"targets={targets if isinstance(targets, str) else ','.join(targets)}, lr={cfg.learning_rate:g}, {steps}, "
+        f"batch {cfg.per_device_train_batch_size}x{cfg.gradient_accumulation_steps}, seed {cfg.seed}."
+    )
 
 
 def model_card(cfg: SmoloraConfig, data, base_info: dict, metrics: dict[str, float], run_id: str,

@@ -31,6 +31,9 @@ from smolora_mlflow.config import SmoloraConfig
 from smolora_mlflow.constants import ARTIFACT_ERROR, TAG_ERROR
 from smolora_mlflow.redaction import redact
 from smolora_mlflow.tracking.experiments import experiment_id_for, mark_experiment
+from smolora_mlflow.tracking.fluent_run import forget_active_run, sampling_interval, system_metrics_option
+from smolora_mlflow.tracking.null_tracker import NullTracker
+from smolora_mlflow.tracking.record import run_description, same_param
 
 logger = logging.getLogger(__name__)
 
@@ -47,33 +50,6 @@ def make_tracker(cfg: SmoloraConfig, data, base_info: dict, *, device: str):
     if not cfg.tracking or not is_main_process():
         return NullTracker()
     return RunTracker(cfg, data, base_info, device=device)
-
-
-class NullTracker:
-    """Does nothing, with the tracker's interface; imports nothing from MLflow."""
-
-    run_id = None
-    prompt_format = "plain"
-    prompt_format_reason = ""
-
-    @contextlib.contextmanager
-    def run(self, resume_run_id: str | None = None) -> Iterator[str | None]:
-        yield None
-
-    def callbacks(self) -> list:
-        return []
-
-    def finish(self, trainer, adapter_dir, metrics) -> None:
-        pass
-
-    def log_training_setup(self, trainer) -> None:
-        pass
-
-    def log_upstream_configs(self, lora_config, trainer_args) -> None:
-        pass
-
-    def log_table_rows(self, rows: list[dict], artifact_file: str) -> None:
-        pass
 
 
 class RunTracker:
@@ -147,7 +123,7 @@ class RunTracker:
             return
         if owned:
             unsent.append(Op("terminate", {"status": "FINISHED"}))
-            _forget_active_run()  # ending it would be one more call to the unreachable server
+            forget_active_run()  # ending it would be one more call to the unreachable server
         self._keep_unsent(unsent, None)
 
     def _keep_unsent(self, ops, error) -> None:
@@ -164,7 +140,7 @@ class RunTracker:
 
     def _start_run(self, resume_run_id: str | None):
         """(run, whether we end it, whether it existed before) for the run this training logs to."""
-        with _sampling_interval(self.cfg):  # MLflow's monitor reads it when the run starts
+        with sampling_interval(self.cfg):  # MLflow's monitor reads it when the run starts
             return self._start_or_attach(resume_run_id)
 
     def _start_or_attach(self, resume_run_id: str | None):
@@ -235,7 +211,7 @@ class RunTracker:
         tags = {**lineage_tags(self.cfg, self.data, self.base_info, self.device, with_git=not have_commit),
                 **redact(self.cfg.run_tags)}
         if C.TAG_NOTE not in run.data.tags:
-            tags[C.TAG_NOTE] = self._description()
+            tags[C.TAG_NOTE] = run_description(self.cfg, self.data)
         self._log_batch(params=fresh, tags=tags)
         for key in fresh:
             base = key.removeprefix(self._param_prefix)
@@ -257,7 +233,7 @@ class RunTracker:
             have = self._params.get(key)
             if have is None:
                 fresh[key] = value
-            elif not _same_param(have, value):
+            elif not same_param(have, value):
                 alt = f"{self._param_prefix}{key}"
                 logger.info("param %s is already %r on run %s; %r logged as %s.", key, have, self.run_id,
                             value, alt)
@@ -273,17 +249,6 @@ class RunTracker:
         t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for i in range(0, max(len(p), len(t)), _BATCH):
             self.client.log_batch(self.run_id, params=p[i : i + _BATCH], tags=t[i : i + _BATCH])
-
-    def _description(self) -> str:
-        cfg, data = self.cfg, self.data
-        steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epoch(s)"
-        recipe = "LoRA fine-tune" if cfg.method == "sft" else f"LoRA {cfg.method.upper()} training"
-        return (
-            f"{recipe} of `{cfg.base_model}` on `{data.name}` ({data.num_train} train / {data.num_eval} "
-            f"eval rows, {data.format} format): r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, "
-            f"targets={_targets_text(cfg.lora_target_modules)}, lr={cfg.learning_rate:g}, {steps}, "
-            f"batch {cfg.per_device_train_batch_size}x{cfg.gradient_accumulation_steps}, seed {cfg.seed}."
-        )
 
     # --- during training ---
     def log_upstream_configs(self, lora_config, trainer_args) -> None:
@@ -406,65 +371,6 @@ class RunTracker:
 
         self.buffer.send()  # metrics logged before this write go before it
         self.buffer.outbox.put(Op(kind, payload))
-
-
-def system_metrics_option(cfg: SmoloraConfig) -> bool | None:
-    """``log_system_metrics`` for ``mlflow.start_run``: True with ``cfg.system_metrics`` (at its sampling
-    interval), else None, so MLflow's own ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` still decides.
-
-    MLflow's monitor samples CPU and memory (psutil), disk and network, and GPU utilisation and memory where
-    pynvml (NVIDIA) or pyrsmi (AMD) is installed, as ``system/...`` metrics of the run.
-    """
-    return True if cfg.system_metrics else None
-
-
-@contextlib.contextmanager
-def _sampling_interval(cfg: SmoloraConfig) -> Iterator[None]:
-    """``cfg.system_metrics_interval`` for the monitor of the run started inside, and for no other run: MLflow's
-    setting is a process-wide environment variable, which a notebook's or a sweep's next run would inherit."""
-    name = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
-    before = os.environ.get(name)
-    if cfg.system_metrics:
-        os.environ[name] = str(cfg.system_metrics_interval)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
-
-
-def _forget_active_run() -> None:
-    """Pop the fluent active run without telling the server (which is unreachable), and stop its system
-    metrics monitor, which ``end_run`` would have stopped (it would sample into the dead run until exit)."""
-    import mlflow
-    from mlflow.tracking import fluent
-
-    try:
-        run = fluent._active_run_stack.get().pop()
-    except (AttributeError, IndexError):  # another MLflow layout: fall back to the public call
-        with contextlib.suppress(Exception):
-            mlflow.end_run()
-        return
-    monitor = getattr(fluent, "run_id_to_system_metrics_monitor", {}).pop(run.info.run_id, None)
-    stop = getattr(monitor, "_shutdown_event", None)  # not finish(): it joins, then flushes to the dead server
-    if stop is not None:
-        stop.set()
-
-
-def _targets_text(targets: list[str] | str) -> str:
-    return targets if isinstance(targets, str) else ",".join(targets)
-
-
-def _same_param(a: str, b: str) -> bool:
-    """Whether two param texts mean the same value (``2e-4`` and ``0.0002``, ``true`` and ``True``)."""
-    if a == b:
-        return True
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return a.strip().lower() == b.strip().lower()
 
 
 def checkpoint_dir_of_run(run_id: str, tracking_uri: str | None = None) -> str | None:
