@@ -1,7 +1,8 @@
 """The ``smolora`` command line: one subcommand per step of a LoRA fine-tune's life.
 
 :mod:`~smolora_mlflow.cli.main` runs a command line (exit codes, output), :mod:`~smolora_mlflow.cli.parser`
-parses it (it also serves ``mlflow run``) and :mod:`~smolora_mlflow.cli.commands` holds one handler per command.
+parses it (it also serves ``mlflow run``) and :mod:`~smolora_mlflow.cli.commands` holds the command table and one
+handler per command (the registry handlers in :mod:`~smolora_mlflow.cli.registry_commands`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""The handlers of the ``smolora`` subcommands (see :mod:`smolora_mlflow.cli` for the parser).
+"""The handlers of the ``smolora`` subcommands and the command table (see :mod:`smolora_mlflow.cli` for the parser).
 
 Each ``cmd_<name>(args) -> int`` builds and validates its inputs first (so a bad value fails before any
 work), then calls the library (:mod:`~smolora_mlflow.workflow`, :mod:`~smolora_mlflow.registry`, ...)
 and prints a summary. Heavy modules are imported inside the handlers. Progress and step lines go to
-stderr; results go to stdout.
+stderr; results go to stdout. The lifecycle (run, train, evaluate, sweep), predict, serve and sync handlers
+are here; the registry ones are in :mod:`~smolora_mlflow.cli.registry_commands`, and the option values
+several handlers share in :mod:`~smolora_mlflow.cli.option_values`. :data:`COMMANDS` maps every
+subcommand to its handler.
 """
 
 from __future__ import annotations
@@ -18,28 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from smolora_mlflow import constants as C
+from smolora_mlflow.cli.option_values import log_model_options, promotion_direction, use_tracking_uri
 from smolora_mlflow.cli.parser import PROG, UsageError, build_config
+from smolora_mlflow.cli.registry_commands import cmd_promote, cmd_register, cmd_rollback, cmd_transition, cmd_versions
 from smolora_mlflow.config_parsing import parse_bool
 
 
 def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _use_tracking_uri(uri: str | None) -> None:
-    if uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-
-
-def _pip_requirements(spec: str | None) -> list[str] | str | None:
-    if not spec:
-        return None
-    if Path(spec).is_file():
-        return str(Path(spec).resolve())
-    return [r.strip() for r in spec.split(",") if r.strip()]
 
 
 def _ui_link(run_id: str | None) -> str:
@@ -84,16 +73,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     promote = parse_bool("promote", args.promote)
-    higher = _direction(args)
+    higher = promotion_direction(args)
     check_pipeline_config(cfg, promote=promote)
-    _use_tracking_uri(cfg.tracking_uri)
+    use_tracking_uri(cfg.tracking_uri)
     from smolora_mlflow.workflow import run_pipeline
 
     steps = itertools.count(1)
     result = run_pipeline(
         cfg, promote=promote, eval_dataset=args.eval_dataset, mode=args.mode,
         promote_options={"metric": args.metric, "min_delta": args.min_delta, "higher_is_better": higher},
-        log_model_options=_log_options(args), on_step=lambda msg: _err(f"==> [{next(steps)}] {msg}"))
+        log_model_options=log_model_options(args), on_step=lambda msg: _err(f"==> [{next(steps)}] {msg}"))
     registered = (f"{result.registered_model_name} version {result.registered_version}  "
                   f"(models:/{result.registered_model_name}/{result.registered_version})"
                   if result.registered_version else "not registered (set registered_model_name)")
@@ -109,22 +98,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _direction(args) -> bool | None:
-    """--higher_is_better as given, or None: the registry infers it from the metric's name."""
-    return None if args.higher_is_better is None else parse_bool("higher_is_better", args.higher_is_better)
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     from smolora_mlflow.workflow import check_pipeline_config
 
     cfg = build_config(args)
     promote = parse_bool("promote", args.promote)
     check_pipeline_config(cfg, promote=promote)
-    _use_tracking_uri(cfg.tracking_uri)
+    use_tracking_uri(cfg.tracking_uri)
     from smolora_mlflow.workflow.sweep import run_sweep
 
     result = run_sweep(cfg, promote=promote, promote_options={"min_delta": args.min_delta},
-                       log_model_options=_log_options(args), on_step=lambda msg: _err(f"==> {msg}"))
+                       log_model_options=log_model_options(args), on_step=lambda msg: _err(f"==> {msg}"))
     d = result.promotion
     _print_summary(f"{PROG} sweep: done", [
         _run_row("sweep run", result.parent_run_id), _run_row("best trial run", result.best_run_id),
@@ -140,15 +124,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_options(args) -> dict[str, Any]:
-    req = _pip_requirements(args.pip_requirements)
-    return {"pip_requirements": req} if req is not None else {}
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     log_model = parse_bool("log_model", args.log_model)
-    _use_tracking_uri(cfg.tracking_uri)
+    use_tracking_uri(cfg.tracking_uri)
     from smolora_mlflow.train import SmoLoRA
 
     _err("==> train: fine-tuning the LoRA adapter")
@@ -160,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         _err(f"==> log: logging the {args.mode} model with the smolora flavor")
         info = log_trained_model(lora, mode=args.mode, registered_model_name=cfg.registered_model_name,
-                                 **_log_options(args))
+                                 **log_model_options(args))
     elif log_model:
         from smolora_mlflow.tracking import is_main_process
 
@@ -178,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = build_config(args)  # validates the options before anything is looked up
-    _use_tracking_uri(cfg.tracking_uri)
+    use_tracking_uri(cfg.tracking_uri)
     from smolora_mlflow.evaluation.loading import training_config_of
     from smolora_mlflow.workflow import evaluate_run
 
@@ -195,82 +174,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ])
     for row in result.generations:
         print(f"  > {row['prompt']}{row['generated_text']}")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------------
-# registry
-
-
-def cmd_register(args: argparse.Namespace) -> int:
-    _use_tracking_uri(args.tracking_uri)
-    from smolora_mlflow import registry
-    from smolora_mlflow.evaluation.loading import logged_model_uri_of_run
-    from smolora_mlflow.refs import is_run_id
-
-    ref = args.model
-    if is_run_id(ref):  # a pipeline's parent run points to the run that logged the model
-        ref = logged_model_uri_of_run(ref) or ref
-    mv = registry.register(ref, args.name, description=args.description, semver=args.semver)
-    semver = mv.tags.get(registry.TAG_SEMVER)
-    print(f"Registered {args.name} version {mv.version}  (models:/{args.name}/{mv.version}, source {mv.source})")
-    if semver:
-        print(f"  semver {semver}: {mv.tags.get(registry.TAG_SEMVER_REASON, '')}  (models:/{args.name}@"
-              f"{registry.semver_alias(semver)})")
-    return 0
-
-
-def cmd_transition(args: argparse.Namespace) -> int:
-    archive = not parse_bool("no_archive_existing", args.no_archive_existing)
-    _use_tracking_uri(args.tracking_uri)
-    from smolora_mlflow import registry
-
-    version = _version(registry, args.name, args.version)
-    mv = registry.transition(args.name, version, args.stage, archive_existing=archive, reason=args.reason)
-    aliases = f" (aliases: {', '.join(mv.aliases)})" if mv.aliases else ""
-    print(f"{args.name} version {mv.version} is now in {mv.current_stage}{aliases}")
-    return 0
-
-
-def _version(registry, name: str, version: str) -> str:
-    if str(version).isascii() and str(version).isdigit():
-        return str(version)
-    return str(registry.resolve(name, version).version)
-
-
-def cmd_promote(args: argparse.Namespace) -> int:
-    force = parse_bool("force", args.force)
-    higher = _direction(args)
-    _use_tracking_uri(args.tracking_uri)
-    from smolora_mlflow import registry
-
-    version = _version(registry, args.name, args.version)
-    d = registry.promote(args.name, version, to=args.to, metric=args.metric, higher_is_better=higher,
-                         min_delta=args.min_delta, force=force, reason=args.reason)
-    verdict = f"promoted to {d.stage}" if d.promoted else f"not promoted to {d.stage}"
-    print(f"{args.name} version {version}: {verdict}: {d.reason}")
-    return 0
-
-
-def cmd_rollback(args: argparse.Namespace) -> int:
-    _use_tracking_uri(args.tracking_uri)
-    from smolora_mlflow import registry
-
-    mv = registry.rollback(args.name, reason=args.reason)
-    print(f"{args.name}: Production is now version {mv.version}")
-    return 0
-
-
-def cmd_versions(args: argparse.Namespace) -> int:
-    history = parse_bool("history", args.history)
-    _use_tracking_uri(args.tracking_uri)
-    from smolora_mlflow import registry
-
-    print(registry.format_versions(registry.versions(args.name)))
-    if history:
-        df = registry.history(args.name)
-        print()
-        print(df.to_string(index=False) if not df.empty else "(no transitions)")
     return 0
 
 
@@ -327,7 +230,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
     full, as_jsonl = parse_bool("full_text", args.full_text), parse_bool("jsonl", args.jsonl)
-    _use_tracking_uri(args.tracking_uri)
+    use_tracking_uri(args.tracking_uri)
     from smolora_mlflow.evaluation.loading import load_for_inference
     from smolora_mlflow.models.generation import format_chat, generate, render_prompts, resolve_prompt_format
 

@@ -11,10 +11,10 @@
     smolora predict models:/smolora-demo@production "The food was"
     smolora serve smolora-demo --alias production -p 5001
 
-The parser is :mod:`smolora_mlflow.cli.parser` (it also serves ``mlflow run``), the handlers
-:mod:`smolora_mlflow.cli.commands`. Only the standard library and the config modules (:mod:`smolora_mlflow.config`
-and its siblings) are imported at start, so ``--help`` is instant; the handlers import torch, transformers and
-MLflow when they run.
+The parser is :mod:`smolora_mlflow.cli.parser` (it also serves ``mlflow run``), the command table and the
+handlers :mod:`smolora_mlflow.cli.commands` (the registry ones :mod:`smolora_mlflow.cli.registry_commands`).
+Only the standard library and the config modules (:mod:`smolora_mlflow.config` and its siblings) are imported
+at start, so ``--help`` is instant; the handlers import torch, transformers and MLflow when they run.
 Exit codes: 0 success, 1 runtime failure, 2 bad usage, config or input, 130 interrupted.
 """
 
