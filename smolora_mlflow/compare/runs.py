@@ -1,16 +1,8 @@
-"""Compare smolora runs in a notebook: runs as DataFrames, metric histories, plots, generations side by side.
+"""Runs of the tracking store as DataFrames: the runs table, metric histories, param diffs, labels, generations.
 
-Reads the tracking store only (mlflow and pandas; matplotlib inside the plot functions; never torch), so it
-works on runs trained anywhere. Every function takes an optional ``client`` (an ``MlflowClient``) or
-``tracking_uri``; without them it uses MLflow's current URI. Runs are labelled by the params that differ
-between them (``lora_r=8``), so legends and columns say what changed.
-
-Example:
-    >>> from smolora_mlflow import compare
-    >>> table = compare.runs_frame("smolora")                          # doctest: +SKIP
-    >>> ids = table["run_id"].tolist()                                 # doctest: +SKIP
-    >>> compare.plot_loss_curves(ids)                                  # doctest: +SKIP
-    >>> compare.best_run("smolora", metric="eval_loss")["run_id"]      # doctest: +SKIP
+The readers the rest of :mod:`smolora_mlflow.compare` builds on (the plots in
+:mod:`~smolora_mlflow.compare.plots`, the sweep table in :mod:`~smolora_mlflow.compare.sweeps`) live here too:
+opening runs by id, searching an experiment, and the errors that name what exists.
 """
 
 from __future__ import annotations
@@ -40,9 +32,6 @@ RUN_METRICS = (C.METRIC_TRAIN_LOSS, C.METRIC_TRAINABLE_PARAMS, C.METRIC_TRAINABL
 BOOKKEEPING_PARAMS = frozenset({"output_dir", "run_name", "experiment_name", "resume_from_checkpoint",
                                 "registered_model_name", "tracking", C.METRIC_TRAINABLE_PARAMS,
                                 C.METRIC_TOTAL_PARAMS, C.METRIC_TRAINABLE_PERCENT})
-
-__all__ = ["best_run", "generations", "metric_history", "param_diff", "plot_loss_curves", "plot_loss_vs_trainable",
-           "run_labels", "runs_frame"]
 
 
 def _missing(msg: str) -> MlflowException:
@@ -310,77 +299,6 @@ def generations(run_ids: str | Iterable[str], step: int | None = None, *, client
     return df
 
 
-def _axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure  # not pyplot: no global state, and a notebook shows the figure once
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def plot_loss_curves(run_ids: str | Iterable[str], key: str = C.METRIC_LOSS, *, ax: Any = None,
-                     title: str | None = None, client: MlflowClient | None = None,
-                     tracking_uri: str | None = None):
-    """One line per run of metric ``key`` against step, labelled by the params that differ.
-
-    Args:
-        run_ids: the runs to draw.
-        key: the metric, e.g. ``loss`` or ``eval_loss``.
-        ax: draw on this matplotlib Axes instead of a new figure.
-        title: figure title (default: ``"<key> per step"``).
-        client, tracking_uri: where the runs are.
-
-    Returns:
-        A matplotlib Figure (shown inline in a notebook; elsewhere ``fig.savefig("loss.png")``).
-
-    Example:
-        >>> fig = plot_loss_curves(ids, key="eval_loss")  # doctest: +SKIP
-    """
-    client, runs = _open(run_ids, client, tracking_uri)
-    history, labels = _history(client, runs, key), _labels(runs)
-    fig, ax = _axes(ax, (7, 4))
-    for run in runs:
-        part = history[history["run_id"] == run.info.run_id]
-        if not part.empty:
-            ax.plot(part["step"], part["value"], marker="o", markersize=3, label=labels[run.info.run_id])
-    ax.set(xlabel="step", ylabel=key, title=title or f"{key} per step")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
-
-
-def plot_loss_vs_trainable(run_ids: str | Iterable[str], metric: str = C.METRIC_LOSS, *, ax: Any = None,
-                           title: str | None = None, client: MlflowClient | None = None,
-                           tracking_uri: str | None = None):
-    """Final ``metric`` against the number of trainable parameters, one labelled point per run.
-
-    Answers "does a bigger adapter buy a lower loss?". The x axis is logarithmic when the counts span more
-    than a factor of ten.
-
-    Example:
-        >>> fig = plot_loss_vs_trainable(ids, metric="eval_loss")  # doctest: +SKIP
-    """
-    client, runs = _open(run_ids, client, tracking_uri)
-    labels = _labels(runs)
-    for key in (metric, C.METRIC_TRAINABLE_PARAMS):
-        lacking = [r.info.run_id for r in runs if key not in r.data.metrics]
-        if lacking:
-            raise _no_metric(runs, key, f"Run(s) {lacking} never")
-    xs = [r.data.metrics[C.METRIC_TRAINABLE_PARAMS] for r in runs]
-    ys = [r.data.metrics[metric] for r in runs]
-    fig, ax = _axes(ax, (6, 4))
-    ax.plot(xs, ys, "o")
-    for run, x, y in zip(runs, xs, ys, strict=True):
-        ax.annotate(labels[run.info.run_id], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    if min(xs) > 0 and max(xs) / min(xs) > 10:
-        ax.set_xscale("log")
-    ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
-    ax.set(xlabel="trainable parameters", ylabel=f"final {metric}", title=title or f"final {metric} vs adapter size")
-    ax.grid(alpha=0.3)
-    return fig
-
-
 def best_run(experiment: str | Sequence[str], metric: str = C.METRIC_EVAL_LOSS, *, higher_is_better: bool = False,
              filter: str | None = None, client: MlflowClient | None = None,
              tracking_uri: str | None = None) -> pd.Series:
@@ -410,30 +328,3 @@ def best_run(experiment: str | Sequence[str], metric: str = C.METRIC_EVAL_LOSS, 
     if metric not in runs[0].data.metrics:
         raise _no_metric(runs, metric, f"No finished run in {experiment!r}")
     return _frame(client, runs, list(KEY_PARAMS), with_best=True).iloc[0].rename(runs[0].info.run_id)
-
-
-def sweep_trials(sweep_run_id: str, *, client: MlflowClient | None = None,
-                 tracking_uri: str | None = None) -> pd.DataFrame:
-    """One row per trial of a ``smolora sweep`` (its parent run id), best first: trial number, run id, the
-    searched params, the objective value and status; the best trial's row has ``best`` True.
-
-    Example:
-        >>> compare.sweep_trials(result.parent_run_id)[["trial", "lora_r", "eval_loss", "best"]]  # doctest: +SKIP
-    """
-    client = client or MlflowClient(tracking_uri=tracking_uri)
-    parent = client.get_run(sweep_run_id)
-    metric = parent.data.params.get("sweep_metric")
-    if metric is None:
-        raise _missing(f"Run {sweep_run_id} is not a sweep (it has no `sweep_metric` param).")
-    searched = [k.removeprefix("sweep_space.") for k in parent.data.params if k.startswith("sweep_space.")]
-    runs = _search(client, [parent.info.experiment_id], f"tags.`{C.TAG_SWEEP_RUN_ID}` = '{sweep_run_id}'", None,
-                   10_000)
-    rows = [{"trial": int(r.data.tags[C.TAG_SWEEP_TRIAL]), "run_id": r.info.run_id, "run_name": r.info.run_name,
-             **{k: r.data.params.get(k) for k in searched}, metric: r.data.metrics.get(metric),
-             "status": r.info.status} for r in runs if C.TAG_SWEEP_TRIAL in r.data.tags]
-    df = pd.DataFrame(rows, columns=["trial", "run_id", "run_name", *searched, metric, "status"])
-    for k in searched:
-        df[k] = _typed(df[k])
-    df["best"] = df["run_id"] == parent.data.tags.get(C.TAG_SWEEP_BEST_RUN_ID)
-    ascending = parent.data.params.get("sweep_direction", "min") == "min"
-    return df.sort_values(metric, ascending=ascending, na_position="last").reset_index(drop=True)
