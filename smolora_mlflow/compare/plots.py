@@ -12,7 +12,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 from smolora_mlflow import constants as C
-from smolora_mlflow.compare.runs import _history, _labels, _no_metric, _open
+from smolora_mlflow.compare.runs import history_frame, labels_by_run, no_metric_error, open_runs
 
 
 def _axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
@@ -42,8 +42,8 @@ def plot_loss_curves(run_ids: str | Iterable[str], key: str = C.METRIC_LOSS, *, 
     Example:
         >>> fig = plot_loss_curves(ids, key="eval_loss")  # doctest: +SKIP
     """
-    client, runs = _open(run_ids, client, tracking_uri)
-    history, labels = _history(client, runs, key), _labels(runs)
+    client, runs = open_runs(run_ids, client, tracking_uri)
+    history, labels = history_frame(client, runs, key), labels_by_run(runs)
     fig, ax = _axes(ax, (7, 4))
     for run in runs:
         part = history[history["run_id"] == run.info.run_id]
@@ -66,12 +66,12 @@ def plot_loss_vs_trainable(run_ids: str | Iterable[str], metric: str = C.METRIC_
     Example:
         >>> fig = plot_loss_vs_trainable(ids, metric="eval_loss")  # doctest: +SKIP
     """
-    client, runs = _open(run_ids, client, tracking_uri)
-    labels = _labels(runs)
+    client, runs = open_runs(run_ids, client, tracking_uri)
+    labels = labels_by_run(runs)
     for key in (metric, C.METRIC_TRAINABLE_PARAMS):
         lacking = [r.info.run_id for r in runs if key not in r.data.metrics]
         if lacking:
-            raise _no_metric(runs, key, f"Run(s) {lacking} never")
+            raise no_metric_error(runs, key, f"Run(s) {lacking} never")
     xs = [r.data.metrics[C.METRIC_TRAINABLE_PARAMS] for r in runs]
     ys = [r.data.metrics[metric] for r in runs]
     fig, ax = _axes(ax, (6, 4))

@@ -34,7 +34,8 @@ BOOKKEEPING_PARAMS = frozenset({"output_dir", "run_name", "experiment_name", "re
                                 C.METRIC_TOTAL_PARAMS, C.METRIC_TRAINABLE_PERCENT})
 
 
-def _missing(msg: str) -> MlflowException:
+def not_found(msg: str) -> MlflowException:
+    """An MLflow "does not exist" error (404 at a server) with ``msg``."""
     return MlflowException(msg, error_code=RESOURCE_DOES_NOT_EXIST)
 
 
@@ -45,7 +46,8 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
     return f"{hint} Known: {', '.join(choices[:30]) or '(none)'}{' ...' if len(choices) > 30 else ''}."
 
 
-def _no_metric(runs: list[Run], key: str, who: str) -> MlflowException:
+def no_metric_error(runs: list[Run], key: str, who: str) -> MlflowException:
+    """The error for metric ``key`` that ``who`` never logged, with the closest metric the runs have."""
     known = {k for r in runs for k in r.data.metrics}
     return invalid_input(f"{who} logged metric {key!r}.{_suggest(key, known)}")
 
@@ -63,14 +65,15 @@ def _experiment_ids(client: MlflowClient, experiment: str | Sequence[str]) -> li
                     raise
         if exp is None:
             known = [x.name for x in client.search_experiments(max_results=200)]
-            raise _missing(f"Experiment {name!r} does not exist in {client.tracking_uri}; pass an experiment "
-                           f"name or id.{_suggest(str(name), known)}")
+            raise not_found(f"Experiment {name!r} does not exist in {client.tracking_uri}; pass an experiment "
+                            f"name or id.{_suggest(str(name), known)}")
         ids.append(exp.experiment_id)
     return ids
 
 
-def _open(run_ids: str | Iterable[str], client: MlflowClient | None,
-          tracking_uri: str | None) -> tuple[MlflowClient, list[Run]]:
+def open_runs(run_ids: str | Iterable[str], client: MlflowClient | None,
+              tracking_uri: str | None) -> tuple[MlflowClient, list[Run]]:
+    """The client and the runs of ``run_ids`` (one id or many, duplicates dropped); unknown ids named at once."""
     client = client or MlflowClient(tracking_uri=tracking_uri)
     ids = list(dict.fromkeys([run_ids] if isinstance(run_ids, str) else run_ids))
     if not ids:
@@ -84,13 +87,14 @@ def _open(run_ids: str | Iterable[str], client: MlflowClient | None,
                 raise
             unknown.append(rid)
     if unknown:
-        raise _missing(f"Run id(s) {', '.join(map(repr, unknown))} do not exist in {client.tracking_uri}; take "
-                       "ids from runs_frame(experiment)['run_id'].")
+        raise not_found(f"Run id(s) {', '.join(map(repr, unknown))} do not exist in {client.tracking_uri}; take "
+                        "ids from runs_frame(experiment)['run_id'].")
     return client, runs
 
 
-def _search(client: MlflowClient, experiment_ids: list[str], filter_string: str | None,
-            order_by: list[str] | None, max_results: int) -> list[Run]:
+def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str | None,
+               order_by: list[str] | None, max_results: int) -> list[Run]:
+    """Up to ``max_results`` runs of a search, read page by page."""
     runs: list[Run] = []
     token = None
     while len(runs) < max_results:
@@ -113,7 +117,7 @@ def _registered(client: MlflowClient, run_ids: list[str]) -> dict[str, str]:
     return {rid: ", ".join(sorted(v)) for rid, v in found.items()}
 
 
-def _typed(column: pd.Series) -> pd.Series:
+def typed_column(column: pd.Series) -> pd.Series:
     """Params are stored as text; give a column numbers when every value is one."""
     try:
         return pd.to_numeric(column.replace({"None": None}))
@@ -121,11 +125,12 @@ def _typed(column: pd.Series) -> pd.Series:
         return column
 
 
-def _history(client: MlflowClient, runs: list[Run], key: str) -> pd.DataFrame:
+def history_frame(client: MlflowClient, runs: list[Run], key: str) -> pd.DataFrame:
+    """Every logged point of metric ``key`` of ``runs``, one row each (run, step, value, UTC timestamp)."""
     rows = [{"run_id": r.info.run_id, "run_name": r.info.run_name, "step": m.step, "value": m.value,
              "timestamp": m.timestamp} for r in runs for m in client.get_metric_history(r.info.run_id, key)]
     if not rows:
-        raise _no_metric(runs, key, f"No run among {[r.info.run_id for r in runs]}")
+        raise no_metric_error(runs, key, f"No run among {[r.info.run_id for r in runs]}")
     df = pd.DataFrame(rows).sort_values(["run_id", "step", "timestamp"], kind="stable").reset_index(drop=True)
     df["timestamp"] = pd.to_datetime(df["timestamp"], unit="ms", utc=True)
     return df
@@ -152,7 +157,7 @@ def _frame(client: MlflowClient, runs: list[Run], params: Sequence[str], with_be
         rows.append(row)
     df = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["run_id", "run_name", "status", *params])
     for p in params:
-        df[p] = _typed(df[p])
+        df[p] = typed_column(df[p])
     for key in (C.METRIC_TRAINABLE_PARAMS, C.METRIC_ADAPTER_SIZE):
         if key in df:
             df[key] = df[key].astype("Int64")
@@ -184,7 +189,7 @@ def runs_frame(experiment: str | Sequence[str], filter: str | None = None, *, pa
     """
     client = client or MlflowClient(tracking_uri=tracking_uri)
     ids = _experiment_ids(client, experiment)
-    runs = _search(client, ids, filter, list(order_by or ["attributes.start_time ASC"]), max_results)
+    runs = search_all(client, ids, filter, list(order_by or ["attributes.start_time ASC"]), max_results)
     return _frame(client, runs, list(params or KEY_PARAMS), with_best)
 
 
@@ -201,7 +206,7 @@ def metric_history(run_ids: str | Iterable[str], key: str, *, client: MlflowClie
     Example:
         >>> metric_history(ids, "eval_loss").pivot(index="step", columns="run_name", values="value")  # doctest: +SKIP
     """
-    return _history(*_open(run_ids, client, tracking_uri), key)
+    return history_frame(*open_runs(run_ids, client, tracking_uri), key)
 
 
 def _diff(runs: list[Run], ignore: Iterable[str]) -> pd.DataFrame:
@@ -211,7 +216,7 @@ def _diff(runs: list[Run], ignore: Iterable[str]) -> pd.DataFrame:
                          index=pd.Index([r.info.run_id for r in runs], name="run_id"))
     differing = [k for k in keys if table[k].nunique(dropna=False) > 1]
     ordered = [k for k in KEY_PARAMS if k in differing] + [k for k in differing if k not in KEY_PARAMS]
-    return table[ordered].apply(_typed)
+    return table[ordered].apply(typed_column)
 
 
 def param_diff(run_ids: str | Iterable[str], *, ignore: Iterable[str] = BOOKKEEPING_PARAMS,
@@ -227,10 +232,11 @@ def param_diff(run_ids: str | Iterable[str], *, ignore: Iterable[str] = BOOKKEEP
         >>> param_diff(ids).columns.tolist()  # doctest: +SKIP
         ['lora_r']
     """
-    return _diff(_open(run_ids, client, tracking_uri)[1], ignore)
+    return _diff(open_runs(run_ids, client, tracking_uri)[1], ignore)
 
 
-def _labels(runs: list[Run]) -> dict[str, str]:
+def labels_by_run(runs: list[Run]) -> dict[str, str]:
+    """A label per run id: the params that differ between ``runs`` (``lora_r=8``), else the run's name."""
     diff = _diff(runs, BOOKKEEPING_PARAMS)
     labels = {}
     for run in runs:
@@ -250,14 +256,14 @@ def run_labels(run_ids: str | Iterable[str], *, client: MlflowClient | None = No
         >>> run_labels(ids)  # doctest: +SKIP
         {'4a9f...': 'lora_r=2', '7c1e...': 'lora_r=8'}
     """
-    return _labels(_open(run_ids, client, tracking_uri)[1])
+    return labels_by_run(open_runs(run_ids, client, tracking_uri)[1])
 
 
 def _generations_table(client: MlflowClient, run: Run) -> pd.DataFrame:
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     if C.ARTIFACT_GENERATIONS not in names:
-        raise _missing(f"Run {run.info.run_id} ({run.info.run_name}) has no {C.ARTIFACT_GENERATIONS}: sample "
-                       "generations are logged at each evaluation, so train with eval_fraction > 0.")
+        raise not_found(f"Run {run.info.run_id} ({run.info.run_name}) has no {C.ARTIFACT_GENERATIONS}: sample "
+                        "generations are logged at each evaluation, so train with eval_fraction > 0.")
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run.info.run_id, C.ARTIFACT_GENERATIONS, tmp)
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -279,8 +285,8 @@ def generations(run_ids: str | Iterable[str], step: int | None = None, *, client
     Example:
         >>> generations(ids).loc["The food was"]  # doctest: +SKIP
     """
-    client, runs = _open(run_ids, client, tracking_uri)
-    labels = _labels(runs)
+    client, runs = open_runs(run_ids, client, tracking_uri)
+    labels = labels_by_run(runs)
     columns, steps = {}, {}
     for run in runs:
         table = _generations_table(client, run)
@@ -322,9 +328,9 @@ def best_run(experiment: str | Sequence[str], metric: str = C.METRIC_EVAL_LOSS, 
     ids = _experiment_ids(client, experiment)
     finished = "attributes.status = 'FINISHED'"
     order = [f"metrics.`{metric}` {'DESC' if higher_is_better else 'ASC'}"]  # runs without it sort last
-    runs = _search(client, ids, f"{filter} and {finished}" if filter else finished, order, 1)
+    runs = search_all(client, ids, f"{filter} and {finished}" if filter else finished, order, 1)
     if not runs:
-        raise _missing(f"No FINISHED run in experiment {experiment!r}" + (f" matches {filter!r}." if filter else "."))
+        raise not_found(f"No FINISHED run in experiment {experiment!r}" + (f" matches {filter!r}." if filter else "."))
     if metric not in runs[0].data.metrics:
-        raise _no_metric(runs, metric, f"No finished run in {experiment!r}")
+        raise no_metric_error(runs, metric, f"No finished run in {experiment!r}")
     return _frame(client, runs, list(KEY_PARAMS), with_best=True).iloc[0].rename(runs[0].info.run_id)
