@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from smolora_mlflow.flavor.streams import Completion, LoopEvents, TokenStream
+from smolora_mlflow.flavor.streams import Completion, Events, LoopEvents, TokenStream
 from smolora_mlflow.models.row_batch import Row, RowBatch, eos_ids, generate_ids, supports_rows
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class _Request:
     internal: Callable[[], str | None]  # the PEFT adapter name, asked when the rows are admitted
     grouped: bool
     cancel: threading.Event
-    events: queue.SimpleQueue | None = None  # a stream's pieces, then its end
+    events: Events | None = None  # a stream's pieces, then its end
     submitted: float = field(default_factory=time.monotonic)
     results: list[Completion | None] = field(default_factory=list)
     next_index: int = 0  # prompts admitted so far
@@ -141,7 +141,7 @@ class GenerationScheduler:
 
     def _request(self, prompts: list[str], prompt_ids: list[list[int]], params: dict[str, Any], adapter: str,
                  internal: Callable[[], str | None], cancel: threading.Event | None, stream: bool,
-                 events: Any = None) -> _Request:
+                 events: LoopEvents | None = None) -> _Request:
         grouped = not self.rows_supported or (bool(params.get("do_sample")) and int(params.get("seed", -1)) >= 0)
         return _Request(prompt_ids, list(prompts), dict(params), adapter, internal, grouped,
                         cancel or threading.Event(), (events or queue.SimpleQueue()) if stream else None)
