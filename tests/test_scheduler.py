@@ -165,3 +165,22 @@ def test_stream_text_is_the_tokenizers_decode_row_by_row(tiny):
         assert GenerationScheduler._backend_decode_batch(tok) is None
     finally:
         tok.clean_up_tokenization_spaces = False
+
+
+def test_interpreter_exit_stops_the_scheduler_thread_after_its_step(demo_model_dir, tmp_path):
+    """The atexit hook ends a running scheduler thread and waits for it (a daemon thread caught in a torch op by
+    finalization aborts the process); a stream still in flight fails with the reason, later requests are refused."""
+    from smolora_mlflow.flavor import scheduler as sched
+
+    wrapper = _wrapper(demo_model_dir, tmp_path)
+    assert wrapper.predict({"prompt": ["The food was"]}, params={"max_new_tokens": 3}) is not None
+    thread = wrapper.scheduler._thread
+    assert thread is not None and thread.is_alive() and wrapper.scheduler in sched._RUNNING
+    stream = wrapper.open_stream("Great", {"max_new_tokens": 400})
+    next(stream)
+    sched._stop_running_schedulers()
+    assert not thread.is_alive() and wrapper.scheduler._thread is None
+    with pytest.raises(RuntimeError, match="interpreter is exiting"):
+        "".join(stream)
+    with pytest.raises(RuntimeError, match="interpreter is exiting"):
+        wrapper.predict({"prompt": ["Great"]}, params={"max_new_tokens": 2})

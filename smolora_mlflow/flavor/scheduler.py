@@ -21,10 +21,12 @@ seconds and starts again with the next request, so a model nobody uses holds no 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +38,20 @@ from smolora_mlflow.models.row_batch import Row, RowBatch, eos_ids, generate_ids
 logger = logging.getLogger(__name__)
 
 IDLE_EXIT_S = 5.0  # an idle scheduler thread ends after this long
+EXIT_JOIN_S = 10.0  # how long interpreter exit waits for a scheduler thread to finish its step
+_RUNNING: weakref.WeakSet = weakref.WeakSet()  # schedulers whose thread may be alive
+
+
+@atexit.register
+def _stop_running_schedulers() -> None:
+    """Stop every scheduler thread before the interpreter finalizes: Python ends a daemon thread that takes the
+    GIL after finalization began with ``pthread_exit``, and one inside a torch op (dropping the rows that just
+    finished, as the waiter got its answer) then unwinds through C++ frames and aborts the process ("terminate
+    called without an active exception", exit -6; about 1 in 14 of MLflow's requirement-inference subprocesses,
+    which predict once and exit). ``atexit`` runs while daemon threads still run: the step ends, the thread returns.
+    """
+    for scheduler in list(_RUNNING):
+        scheduler.stop(timeout=EXIT_JOIN_S)
 
 
 @dataclass
@@ -126,18 +142,32 @@ class GenerationScheduler:
         self._pending: deque[_Request] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     # ------------------------------------------------------------------------------------------------
     # the request side
 
     def _enqueue(self, request: _Request) -> None:
         with self._cv:
+            if self._stopping:
+                raise RuntimeError("The generation scheduler was stopped (the Python interpreter is exiting).")
             self.stats.requests += 1
             self._pending.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="smolora-scheduler", daemon=True)
                 self._thread.start()
+                _RUNNING.add(self)
             self._cv.notify_all()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the thread after the step in progress (requests still waiting fail) and wait for it; a request
+        submitted afterwards is refused. Called at interpreter exit."""
+        with self._cv:
+            self._stopping = True
+            thread = self._thread
+            self._cv.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _request(self, prompts: list[str], prompt_ids: list[list[int]], params: dict[str, Any], adapter: str,
                  internal: Callable[[], str | None], cancel: threading.Event | None, stream: bool,
@@ -175,15 +205,7 @@ class GenerationScheduler:
     # the scheduler thread
 
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                idle_since = time.monotonic()
-                while not self._pending and not self._live:
-                    left = IDLE_EXIT_S - (time.monotonic() - idle_since)
-                    if left <= 0:
-                        self._thread = None
-                        return
-                    self._cv.wait(left)
+        while self._await_work():
             if not self._live:
                 self._wait_for_company()
             try:
@@ -191,6 +213,27 @@ class GenerationScheduler:
             except BaseException as e:  # handed to every request in flight, never swallowed
                 logger.exception("Generation failed; failing the %d request(s) in flight.", len(self._live))
                 self._fail_all(e)
+
+    def _await_work(self) -> bool:
+        """Wait for requests; False when the thread ends: idle for IDLE_EXIT_S, or stopped (what was in
+        flight then fails)."""
+        with self._cv:
+            idle_since = time.monotonic()
+            while not self._pending and not self._live and not self._stopping:
+                left = IDLE_EXIT_S - (time.monotonic() - idle_since)
+                if left <= 0:
+                    self._thread = None
+                    return False
+                self._cv.wait(left)
+            if not self._stopping:
+                return True
+            self._thread = None
+            pending, self._pending = list(self._pending), deque()
+        error = RuntimeError("The generation scheduler was stopped (the Python interpreter is exiting).")
+        self._fail_all(error)
+        for request in pending:
+            self._fail(request, error)
+        return False
 
     def _wait_for_company(self) -> None:
         """Requests sent together reach the server a few ms apart: an idle scheduler waits while they come."""
